@@ -10,9 +10,19 @@ from fxquant.nn.intrinsic.modules import FusedModule
 
 from ._base import check_float_module, check_qconfig, detached_param, make_weight_fake_quant, share_param
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "float_conv_like"]
 
 Size = int | tuple[int, ...]
+
+
+def float_conv_like(conv_cls: type[nn.Module], module: nn.Module) -> nn.Module:
+    """A new ``conv_cls`` with ``module``'s hyper-parameters and detached copies of its weight and bias."""
+    conv = conv_cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, module.padding_mode)
+    conv.weight = detached_param(module.weight)
+    if module.bias is not None:
+        conv.bias = detached_param(module.bias)
+    return conv
 
 
 class _ConvNd:
@@ -54,18 +64,9 @@ class _ConvNd:
         share_param(conv, qat, "bias")
         return qat
 
-    def _float_conv(self) -> nn.Module:
-        conv = self._FLOAT_CONV_MODULE(self.in_channels, self.out_channels, self.kernel_size,  # type: ignore
-                                       self.stride, self.padding, self.dilation, self.groups,  # type: ignore
-                                       self.bias is not None, self.padding_mode)  # type: ignore
-        conv.weight = detached_param(self.weight)  # type: ignore[attr-defined]
-        if self.bias is not None:  # type: ignore[attr-defined]
-            conv.bias = detached_param(self.bias)  # type: ignore[attr-defined]
-        return conv
-
     def to_float(self) -> nn.Module:
         """The float conv with detached weight / bias (wrapped with its ReLU for fused subclasses)."""
-        conv = self._float_conv()
+        conv = float_conv_like(self._FLOAT_CONV_MODULE, self)  # type: ignore[arg-type]
         relu_cls = getattr(type(self), "_FLOAT_RELU_MODULE", None)
         result = self._FLOAT_MODULE(conv, relu_cls()) if relu_cls is not None else conv  # type: ignore[call-arg]
         return result.train(self.training)  # type: ignore[attr-defined]
