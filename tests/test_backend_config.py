@@ -272,3 +272,223 @@ def test_reference_module_mapping_and_fixed_qparams_constraints():
     assert tanh.dtype_configs[0].input_dtype_with_constraints.zero_point_exact_match == 128
     assert bc.get_config("reshape").observation_type is SHARE
     assert bc.get_config("shape").observation_type is ObservationType.INPUT_OUTPUT_NOT_OBSERVED
+
+
+# ----------------------------------------------------------------------------------------------- matching
+QConfig = collections.namedtuple("QConfig", ["activation", "weight"])  # stand-in until fxquant.qconfig exists
+
+
+class _Obs(nn.Module):
+    """A minimal observer: only the attributes the matcher reads."""
+
+    def __init__(self, dtype=torch.uint8, quant_min=0, quant_max=255, eps=2.0**-23, is_dynamic=False):
+        super().__init__()
+        self.dtype, self.quant_min, self.quant_max, self.is_dynamic = dtype, quant_min, quant_max, is_dynamic
+        self.register_buffer("eps", torch.tensor([eps]))
+
+    @classmethod
+    def make(cls, **kwargs):
+        return lambda: cls(**kwargs)
+
+
+class FixedQParamsObserver(_Obs):  # matched by class name, as fxquant's and torch.ao's are
+    def __init__(self, scale, zero_point, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("scale", torch.tensor([scale]))
+        self.register_buffer("zero_point", torch.tensor([zero_point]))
+
+
+class _FakeQuant(nn.Module):
+    def __init__(self, observer):
+        super().__init__()
+        self.activation_post_process = observer()
+        self.dtype = self.activation_post_process.dtype
+
+
+U8_W8 = QConfig(_Obs.make(quant_min=0, quant_max=127), _Obs.make(dtype=torch.int8, quant_min=-128, quant_max=127))
+
+
+@pytest.mark.parametrize("qconfig, dc, roles, expected", [
+    (U8_W8, WEIGHTED, ALL_ROLES, ""),
+    (U8_W8, DTypeConfig(QINT8, QINT8), ALL_ROLES, "input: activation observer _Obs gives uint8 (static), "
+                                                  "the backend takes int8 (static)"),
+    (U8_W8, DTypeConfig(QUINT8, torch.float, QINT8, torch.float, is_dynamic=True), ALL_ROLES, "(static)"),
+    (U8_W8, DTypeConfig(QUINT8, QUINT8, QUINT8), ALL_ROLES, "weight: weight observer _Obs gives int8"),
+    (U8_W8, DTypeConfig(QUINT8, QUINT8, QUINT8), ACTIVATION_ROLES, ""),
+    (U8_W8, DTypeConfig(QUINT8, QUINT8, QINT8, torch.float16), ALL_ROLES, "bias: the qconfig implies float32"),
+    (U8_W8, DTypeConfig(DTypeWithConstraints(QUINT8, 0, 100)), ALL_ROLES, "quant range 0..127 is outside"),
+    (U8_W8, DTypeConfig(DTypeWithConstraints(QUINT8, scale_min_lower_bound=1e-3)), ALL_ROLES,
+     "eps 1.19209"),
+    (QConfig(_Obs.make(is_dynamic=True), None), DTypeConfig(QUINT8, torch.float, is_dynamic=True), ALL_ROLES, ""),
+    (QConfig(_Obs.make(is_dynamic=True), None), DTypeConfig(QUINT8, QUINT8, is_dynamic=True), ALL_ROLES,
+     "output: activation observer _Obs gives float32, the backend produces uint8"),
+    (QConfig(nn.Identity, nn.Identity), DTypeConfig(torch.float, torch.float, torch.float), ALL_ROLES, ""),
+])
+def test_match_decisions_and_reasons(qconfig, dc, roles, expected):
+    ok, why = qconfig_matches_dtype_config(qconfig, dc, roles=roles)
+    assert ok == (expected == "")
+    assert expected in why
+
+
+def test_fixed_qparams_need_the_exact_observer_and_warn_when_asked():
+    sigmoid_dc = get_native_backend_config().get_config(torch.sigmoid).dtype_configs[0]
+    fixed = QConfig(lambda: FixedQParamsObserver(1 / 256, 0), None)
+    assert qconfig_matches_dtype_config(fixed, sigmoid_dc) == (True, "")
+    tanh_like = QConfig(lambda: FixedQParamsObserver(2 / 256, 128), None)
+    ok, why = qconfig_matches_dtype_config(tanh_like, sigmoid_dc)
+    assert not ok and "fixed scale 0.0078125 / zero point 128 differ" in why
+    with pytest.warns(UserWarning, match="FixedQParamsObserver / FixedQParamsFakeQuantize"):
+        ok, why = qconfig_matches_dtype_config(U8_W8, sigmoid_dc, warn=True)
+    assert not ok
+    qat = QConfig(lambda: _FakeQuant(lambda: FixedQParamsObserver(1 / 256, 0)), None)
+    ok, why = qconfig_matches_dtype_config(qat, sigmoid_dc, is_qat=True)
+    assert not ok and "activation fake quant _FakeQuant is not a FixedQParamsObserver" in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain dtype mismatch does not warn
+        assert not qconfig_matches_dtype_config(QConfig(_Obs.make(dtype=torch.int8), None), sigmoid_dc, warn=True)[0]
+
+
+def test_find_dtype_config_returns_first_match_with_reasons_for_the_rest():
+    dcs = get_native_backend_config().get_config(nn.Linear).dtype_configs
+    dynamic = QConfig(_Obs.make(is_dynamic=True), _Obs.make(dtype=torch.int8, quant_min=-128, quant_max=127))
+    dc, reasons = find_dtype_config(dynamic, dcs)
+    assert dc is dcs[1] and len(reasons) == 1 and reasons[0].startswith("[in=uint8 out=uint8 w=int8 b=float32]")
+    assert find_dtype_config(None, dcs) == (None, ["qconfig is None: the pattern stays in float"])
+    assert qconfig_matches_dtype_config(None, dcs[0])[0] is False
+    with pytest.raises(ValueError, match="roles must be"):
+        qconfig_matches_dtype_config(U8_W8, dcs[0], roles=("inputs",))
+    with pytest.raises(TypeError, match="constructor"):
+        qconfig_matches_dtype_config(QConfig(_Obs(), None), dcs[0])
+
+
+# --- differential: our decision == torch.ao's prepare-time decision (torch.ao internals as the oracle)
+_ACTIVATIONS = [
+    ("MinMaxObserver", {"dtype": "quint8", "quant_min": 0, "quant_max": 127}),
+    ("HistogramObserver", {"dtype": "quint8", "reduce_range": True}),
+    ("MinMaxObserver", {"dtype": "quint8"}),
+    ("MinMaxObserver", {"dtype": "qint8", "qscheme": torch.per_tensor_symmetric, "eps": 2**-12}),
+    ("MinMaxObserver", {"dtype": "qint8", "eps": 1e-5}),
+    ("PlaceholderObserver", {"dtype": "quint8", "is_dynamic": True}),
+    ("PlaceholderObserver", {"dtype": torch.float16, "is_dynamic": True}),
+    ("PlaceholderObserver", {"dtype": torch.float16}),
+    ("PlaceholderObserver", {"dtype": torch.float32}),
+    ("FixedQParamsObserver", {"scale": 1 / 256, "zero_point": 0, "dtype": "quint8", "quant_min": 0, "quant_max": 255}),
+    ("FixedQParamsObserver", {"scale": 2 / 256, "zero_point": 128, "dtype": "quint8", "quant_min": 0,
+                              "quant_max": 255}),
+]
+_WEIGHTS = [
+    ("MinMaxObserver", {"dtype": "qint8", "qscheme": torch.per_tensor_symmetric}),
+    ("MinMaxObserver", {"dtype": "qint8", "qscheme": torch.per_tensor_symmetric, "quant_min": -127,
+                        "quant_max": 127, "eps": 2**-12}),
+    ("PlaceholderObserver", {"dtype": torch.float16}),
+    ("MinMaxObserver", {"dtype": "quint8"}),
+    ("PerChannelMinMaxObserver", {"dtype": "qint8", "qscheme": torch.per_channel_symmetric}),
+]
+
+
+def _all_builtin_dtype_configs():
+    seen = {}
+    for getter in ALL_BACKENDS.values():
+        for conf in getter().configs:
+            for dc in conf.dtype_configs:
+                seen.setdefault(dc, None)
+    seen[DTypeConfig(DTypeWithConstraints(QUINT8, 0, 127), DTypeWithConstraints(QUINT8, 0, 127), QINT8)] = None
+    seen[DTypeConfig(QUINT8, QUINT8, DTypeWithConstraints(QINT8, -127, 127))] = None
+    return list(seen)
+
+
+_DTYPE_CONFIGS = _all_builtin_dtype_configs()
+
+
+def _ctor(module, spec):
+    name, kwargs = spec
+    kwargs = {k: getattr(torch, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    return getattr(module, name).with_args(**kwargs)
+
+
+def _ao_dtype_config(ao_bc, dc):
+    def spec(s):
+        legacy = {torch.uint8: "quint8", torch.int8: "qint8"}
+        dtype = getattr(torch, legacy[s.dtype]) if s.dtype in legacy else s.dtype
+        return ao_bc.DTypeWithConstraints(dtype, *(getattr(s, f) for f in (
+            "quant_min_lower_bound", "quant_max_upper_bound", "scale_min_lower_bound", "scale_max_upper_bound",
+            "scale_exact_match", "zero_point_exact_match")))
+
+    return ao_bc.DTypeConfig(spec(dc.input_dtype_with_constraints), spec(dc.output_dtype_with_constraints),
+                             spec(dc.weight_dtype_with_constraints), dc.bias_dtype, dc.is_dynamic)
+
+
+class _FunctionalLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return F.linear(x, self.w, self.b)
+
+
+@pytest.fixture(scope="module")
+def ao_oracle():
+    pytest.importorskip("torch.ao.quantization")
+    import torch.ao.quantization.backend_config as ao_bc
+    import torch.ao.quantization.backend_config.utils  # noqa: F401
+    import torch.ao.quantization.observer as ao_obs
+    from torch.ao.quantization.fx.prepare import (_get_target_activation_dtype_for_node,
+                                                  _is_pattern_dtype_config_and_qconfig_supported_by_backend)
+    traced = {}
+    for functional, model, pattern in ((True, _FunctionalLinear(), F.linear),
+                                       (False, nn.Sequential(nn.Linear(3, 3)), nn.Linear)):
+        gm = torch.fx.symbolic_trace(model)
+        node = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
+        traced[functional] = (gm, node, pattern)
+
+    def decide(qconfig, dc, functional):
+        gm, node, pattern = traced[functional]
+        conf = ao_bc.BackendPatternConfig(pattern).add_dtype_config(_ao_dtype_config(ao_bc, dc))
+        if functional:
+            conf._set_input_type_to_index({"weight": 1, "bias": 2})
+        bc = ao_bc.BackendConfig().set_backend_pattern_config(conf)
+        node.meta["target_dtype_info"] = _get_target_activation_dtype_for_node(
+            node, qconfig, None, dict(gm.named_modules()), bc, {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _is_pattern_dtype_config_and_qconfig_supported_by_backend(pattern, [node], qconfig, bc)
+
+    return ao_obs, decide
+
+
+@settings(max_examples=200, deadline=None)
+@given(act=st.sampled_from(_ACTIVATIONS), weight=st.sampled_from(_WEIGHTS), dc=st.sampled_from(_DTYPE_CONFIGS),
+       functional=st.booleans())
+def test_match_decision_equals_torch_ao(ao_oracle, act, weight, dc, functional):
+    import fxquant.observer as fxq_obs
+
+    ao_obs, decide = ao_oracle
+    ao_qconfig = QConfig(_ctor(ao_obs, act), _ctor(ao_obs, weight))
+    expected = decide(ao_qconfig, dc, functional)
+    roles = ALL_ROLES if functional else ACTIVATION_ROLES
+    # torch.ao's own observers (read by attribute) and fxquant's give torch.ao's decision
+    for qconfig in (ao_qconfig, QConfig(_ctor(fxq_obs, act), _ctor(fxq_obs, weight))):
+        ok, why = qconfig_matches_dtype_config(qconfig, dc, roles=roles)
+        assert ok == expected, why
+        assert ok == (why == "")
+
+
+# ----------------------------------------------------------------------------------------------- table
+def test_patterns_table_rows_and_markdown():
+    bc = get_backend_config("onednn")
+    rows = patterns_table(bc)
+    assert len(rows) == len(bc)
+    by_pattern = {r.pattern: r for r in rows}
+    conv_relu = by_pattern["(nn.Conv2d, nn.ReLU)"]
+    assert conv_relu.observation == "own output qparams" and conv_relu.modules == "fuses to nni.ConvReLU2d"
+    assert conv_relu.dtype_configs == ("in=uint8 out=uint8 w=int8 b=float32",)
+    assert by_pattern["torch.cat"].observation == "shares input qparams"
+    assert by_pattern["F.max_pool2d"].observation == "shares input qparams"
+    assert by_pattern["'reshape'"].dtype_configs == ("in=uint8 out=uint8",)
+    assert by_pattern["torch.sigmoid"].dtype_configs == (
+        "in=uint8[qmin>=0,qmax<=255,scale=0.00390625,zp=0] out=uint8[qmin>=0,qmax<=255,scale=0.00390625,zp=0]",)
+    assert "complex: (nn.ReLU, (operator.add, MatchAllNode, (nn.BatchNorm2d, nn.Conv2d)))" in by_pattern
+    assert by_pattern["nn.Linear"].dtype_configs[1] == "in=uint8 out=float32 w=int8 b=float32 dynamic"
+    md = patterns_table_markdown(bc).splitlines()
+    assert md[0] == "### onednn" and len(md) == len(rows) + 4 and md[4].startswith("| nn.Conv1d | ")

@@ -53,9 +53,9 @@ class _Side:
         kind = "fake quant" if is_qat else "observer"
         if constructor is None:
             return cls(f"{role} {kind} None", None, torch.float32, False)
-        if not callable(constructor):
+        if isinstance(constructor, torch.nn.Module) or not callable(constructor):
             raise TypeError(f"qconfig.{role} must be an observer / fake quant constructor (a class or "
-                            f"Cls.with_args(...)), got {constructor!r}")
+                            f"Cls.with_args(...)), not an instance; got {constructor!r}")
         instance = constructor()
         dtype = getattr(instance, "dtype", torch.float32)
         dtype = normalize_dtype(dtype) if isinstance(dtype, torch.dtype) else dtype
