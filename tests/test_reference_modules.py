@@ -12,7 +12,8 @@ from torch import nn
 import fxquant.nn.quantized.reference as R
 from fxquant.nn.quantized.reference._weight import WeightSpec, dequantize_weight, quantize_weight
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions"),
+              pytest.mark.filterwarnings("ignore:To copy construct from a tensor")]  # torch.ao oracle noise
 QUINT8, QINT8, QUINT4X2 = (getattr(torch, n) for n in ("quint8", "qint8", "quint4x2"))  # legacy names, tests only
 
 
@@ -22,6 +23,7 @@ def _ao_reference():
 
 # ------------------------------------------------------------------------------------------------ qparams helpers
 def _per_tensor(w: torch.Tensor, dtype: torch.dtype) -> dict:
+    w = w.detach()
     qmin, qmax = (0, 255) if dtype == QUINT8 else (-128, 127)
     lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
     scale = max((hi - lo) / (qmax - qmin), 1e-8)
@@ -247,3 +249,57 @@ def test_torch_export_of_reference_module() -> None:
     x = torch.randn(1, 3, 8, 8)
     exported = torch.export.export(ref, (x,))
     assert torch.equal(exported.module()(x), ref(x))
+
+
+# ------------------------------------------------------------------------------------------------ LSTM / GRU
+def _rnn_qparams(float_rnn: nn.RNNBase, per_channel: bool) -> dict:
+    out = {}
+    for name, p in float_rnn.named_parameters():
+        if name.startswith("weight"):
+            out[name] = _per_channel(p.detach(), 0) if per_channel else _per_tensor(p.detach(), QINT8)
+    return out
+
+
+@pytest.mark.parametrize("cls, kwargs, per_channel", [
+    ("LSTM", dict(num_layers=2, bidirectional=True), True),
+    ("LSTM", dict(batch_first=True, bias=False), False),
+    ("GRU", dict(num_layers=2, batch_first=True), True),
+    ("GRU", dict(bidirectional=True), False),
+])
+def test_rnn_bit_identical_to_torch_ao(cls: str, kwargs: dict, per_channel: bool) -> None:
+    ao = _ao_reference()
+    torch.manual_seed(3)
+    float_rnn = getattr(nn, cls)(8, 6, **kwargs)
+    qparams = _rnn_qparams(float_rnn, per_channel)
+    ours = getattr(R, cls).from_float(float_rnn, qparams)
+    theirs = getattr(ao, cls).from_float(float_rnn, {**qparams, "is_decomposed": False})
+    x = torch.randn(3, 5, 8)
+    packed = nn.utils.rnn.pack_padded_sequence(x if kwargs.get("batch_first") else x.transpose(0, 1), [5, 4, 2],
+                                               batch_first=bool(kwargs.get("batch_first")))
+    for inp in (x, x[0], packed):
+        (o1, h1), (o2, h2) = ours(inp), theirs(inp)
+        o1, o2 = (o1.data, o2.data) if isinstance(inp, nn.utils.rnn.PackedSequence) else (o1, o2)
+        assert torch.equal(o1, o2)
+        assert all(torch.equal(a, b) for a, b in zip(h1 if cls == "LSTM" else [h1], h2 if cls == "LSTM" else [h2]))
+    assert "weight_ih_l0" not in dict(ours.named_parameters()) and ours.weight_ih_l0_int.dtype == torch.int8
+
+
+def test_rnn_state_dict_copy_and_pickle() -> None:
+    torch.manual_seed(4)
+    float_lstm = nn.LSTM(4, 5, proj_size=3)
+    ref = R.LSTM.from_float(float_lstm, _rnn_qparams(float_lstm, True))
+    x = torch.randn(6, 2, 4)
+    expected = ref(x)[0]
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)
+    buf.seek(0)
+    fresh = R.LSTM(4, 5, proj_size=3)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x)[0], expected)
+    assert torch.equal(copy.deepcopy(ref)(x)[0], expected)
+    buf = io.BytesIO()
+    torch.save(ref, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x)[0], expected)
+    with pytest.raises(ValueError, match="no entry for 'weight_hr_l0'"):
+        R.LSTM.from_float(float_lstm, {k: v for k, v in _rnn_qparams(float_lstm, True).items() if "hr" not in k})

@@ -16,7 +16,9 @@ from fxquant.nn.quantized.reference.conv import (
     ConvTranspose3d,
 )
 from fxquant.nn.quantized.reference.linear import Linear
+from fxquant.nn.quantized.reference.rnn import GRU, LSTM
 from fxquant.nn.quantized.reference.sparse import Embedding, EmbeddingBag
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-           "Embedding", "EmbeddingBag", "ReferenceWeightMixin", "WeightSpec"]
+           "Embedding", "EmbeddingBag", "LSTM", "GRU",
+           "ReferenceWeightMixin", "WeightSpec"]
