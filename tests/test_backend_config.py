@@ -213,6 +213,14 @@ def test_builtin_matches_torch_ao(backend):
         assert rec == ao_rec, key
 
 
+@pytest.mark.parametrize("backend", ["native", "onednn"])
+def test_from_dict_reads_torch_ao_dict_form(backend):
+    ao_bc = _ao_getters()[backend]()
+    ours = BackendConfig.from_dict(ao_bc.to_dict())  # torch.ao's enums, DTypeConfigs and constraints coerced
+    assert _records(ours) == _records(ao_bc)
+    assert all(isinstance(dc, DTypeConfig) for c in ours.configs for dc in c.dtype_configs)
+
+
 def _nested_names(pattern):
     """A node pattern shaped like ``pattern`` whose leaves are distinct strings."""
     counter = itertools.count()

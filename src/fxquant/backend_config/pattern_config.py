@@ -31,6 +31,9 @@ def _coerce_dtype_config(value: Any, index: int) -> DTypeConfig:
         return value
     if isinstance(value, Mapping):
         return DTypeConfig.from_dict(value)
+    if all(hasattr(value, f"{k}_dtype_with_constraints") for k in ("input", "output", "weight")):
+        return DTypeConfig(value.input_dtype_with_constraints, value.output_dtype_with_constraints,  # torch.ao's
+                           value.weight_dtype_with_constraints, value.bias_dtype, value.is_dynamic)
     raise TypeError(f"dtype_configs[{index}] must be a DTypeConfig or a dict (see DTypeConfig.from_dict), "
                     f"got {value!r}")
 

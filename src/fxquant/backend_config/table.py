@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .backend_config import BackendConfig
 from .dtype_config import ObservationType
 from .pattern import pattern_to_str
+from .pattern_config import BackendPatternConfig
 
 __all__ = ["PatternRow", "patterns_table", "patterns_table_markdown"]
 
@@ -27,7 +28,7 @@ class PatternRow:
     modules: str
 
 
-def _modules_text(config) -> str:
+def _modules_text(config: BackendPatternConfig) -> str:
     parts = [f"{label} {pattern_to_str(cls)}" for label, cls in (
         ("fuses to", config.fused_module), ("qat", config.qat_module),
         ("reference", config.reference_quantized_module)) if cls is not None]
