@@ -1,0 +1,93 @@
+"""onednn int8 kernels on plain tensors (uint8 activations, int8 prepacked weights, float scales).
+
+All functions take and return plain ``torch.uint8 / int8 / float32`` tensors; the prepacked weight is an opaque
+onednn tensor that callers cache and never save (rebuild it from the int8 weight with :func:`pack_linear` /
+:func:`pack_conv`). Post-ops are fused: ``"none"``, ``"relu"``, ``"gelu"``/``"gelu_tanh"`` (linear), and the
+binary ``"add"`` / ``"add_relu"`` that add a uint8 ``other`` tensor (its own scale / zero point) before the
+output is quantized. ``other`` is copied first: onednn accumulates into it in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["ActQParams", "pack_linear", "pack_conv", "linear", "conv", "UNARY", "BINARY"]
+
+_OPS = torch.ops.onednn
+
+# post-op name -> (onednn unary attr, algorithm)
+UNARY: dict[str, tuple[str, str]] = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
+                                     "gelu_tanh": ("gelu", "tanh")}
+# binary post-op name -> unary attr applied after the sum
+BINARY: dict[str, str] = {"add": "none", "add_relu": "relu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQParams:
+    """Activation quantization parameters as Python numbers (onednn takes scalars)."""
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype | None = None  # output dtype; None = uint8, torch.float32 = float output
+
+
+def pack_linear(weight_int8: torch.Tensor) -> torch.Tensor:
+    """Prepack an ``(N, K)`` int8 weight for :func:`linear`."""
+    return _OPS.qlinear_prepack(weight_int8.contiguous(), None)
+
+
+def pack_conv(weight_int8: torch.Tensor, weight_scale: torch.Tensor, x: ActQParams, stride: list[int],
+              padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """Prepack an ``(Cout, Cin/groups, *k)`` int8 weight for :func:`conv`."""
+    return _OPS.qconv_prepack(weight_int8.contiguous(), weight_scale, x.scale, x.zero_point, stride, padding,
+                              dilation, groups, None)
+
+
+def _out(out: ActQParams) -> tuple[float, int]:
+    return (1.0, 0) if out.dtype in (torch.float32, torch.bfloat16) else (out.scale, out.zero_point)
+
+
+def linear(qx: torch.Tensor, x: ActQParams, packed: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor,
+           bias: torch.Tensor | None, out: ActQParams, post_op: str = "none",
+           other: tuple[torch.Tensor, ActQParams] | None = None) -> torch.Tensor:
+    """``quantize(post_op(dequant(qx) @ w.T + bias [+ dequant(other)]))`` for 2-d ``qx``."""
+    out_scale, out_zp = _out(out)
+    if post_op in BINARY:
+        accum, oq = other  # type: ignore[misc]
+        return _OPS.qlinear_pointwise.binary(qx, x.scale, x.zero_point, packed, w_scale, w_zp, accum.clone(), bias,
+                                             out_scale, out_zp, out.dtype, oq.scale, oq.zero_point, "sum", 1.0,
+                                             BINARY[post_op], [], "")
+    attr, algo = UNARY[post_op]
+    return _OPS.qlinear_pointwise(qx, x.scale, x.zero_point, packed, w_scale, w_zp, bias, out_scale, out_zp,
+                                  out.dtype, attr, [], algo)
+
+
+def conv(qx: torch.Tensor, x: ActQParams, packed: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor,
+         bias: torch.Tensor | None, geometry: tuple[list[int], list[int], list[int], int], out: ActQParams,
+         post_op: str = "none", other: tuple[torch.Tensor, ActQParams] | None = None) -> torch.Tensor:
+    """Quantized convolution (1/2/3-d, channels-last output) with fused post-op; ``geometry`` =
+    ``(stride, padding, dilation, groups)``."""
+    stride, padding, dilation, groups = geometry
+    out_scale, out_zp = _out(out)
+    if post_op in BINARY:
+        accum, oq = other  # type: ignore[misc]
+        accum = accum.contiguous(memory_format=torch.channels_last) if accum.dim() == 4 else accum.contiguous()
+        return _OPS.qconv2d_pointwise.binary(qx, x.scale, x.zero_point, packed, w_scale, w_zp, accum.clone(), bias,
+                                             stride, padding, dilation, groups, out_scale, out_zp, out.dtype,
+                                             oq.scale, oq.zero_point, "sum", 1.0, BINARY[post_op], [], None)
+    attr, algo = UNARY[post_op]
+    return _OPS.qconv_pointwise(qx, x.scale, x.zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation,
+                                groups, out_scale, out_zp, out.dtype, attr, [], algo or None)
+
+
+def split_halves(qx: torch.Tensor, x: ActQParams) -> tuple[tuple[torch.Tensor, ActQParams],
+                                                           tuple[torch.Tensor, ActQParams]]:
+    """Write full-range uint8 ``qx`` as ``2 * (qx >> 1) + (qx & 1)`` so each half stays in 0..127.
+
+    ``dequant(qx) = dequant_hi + dequant_lo`` with scales ``2s`` and ``s`` and zero points ``zp // 2`` and
+    ``zp % 2``; each half runs exactly on CPUs without VNNI (see ``x86.py``).
+    """
+    hi = ActQParams(2.0 * x.scale, x.zero_point // 2)
+    lo = ActQParams(x.scale, x.zero_point % 2)
+    return (torch.bitwise_right_shift(qx, 1), hi), (torch.bitwise_and(qx, 1), lo)

@@ -1,0 +1,130 @@
+"""x86 CPU kernel choice: capability facts plus measured rules, kept as data.
+
+A lowered module asks :func:`choose` which kernel to run for one call. Rules are ordered; the first whose
+conditions all hold wins. Each condition is a name from :data:`CONDITIONS` with a value, so a new rule is a line of
+data. The figures behind them come from ``bench/bench_kernels.py`` (one thread, medians, fp32 in the same run) on
+an AVX2 CPU without VNNI (AMD EPYC, torch 2.13 CPU); ratios are fp32 time / int8 time:
+
+==========================  ======================================================================================
+static linear, M=1          onednn 0.41x, float path 0.49x (K=N=512): onednn's fixed cost dominates -> float
+static linear, M>=4         onednn 1.4-1.6x (K=N=512), 2.0-5x (K,N 768..3072, M 128..512)
+dynamic linear              onednn (with run-time quantization of x) 0.2x at M=1, 0.64x at M=16, 1.15x at M=128
+                            K=N=768, 4.5x at M=128 N=3072 -> onednn from 64 rows
+weight-only linear          dequantize-per-call 0.03-0.4x, aten._weight_int8pack_mm 0.02-0.14x on AVX2
+                            -> a cached dequantized weight (1.0x) unless the CPU has AVX512 (int8pack_mm is
+                            vectorised there)
+conv2d 3x3 / 1x1            onednn channels-last 4.6-9x; NCHW uint8 input 1.3-6x (layout conversion)
+depthwise conv2d            onednn 0.6-0.66x -> float path
+==========================  ======================================================================================
+
+Exactness: without VNNI, onednn multiplies uint8 by int8 with ``vpmaddubsw``, which saturates pairs of products
+in int16. That is exact only while activations stay in 0..127 (torch.ao's x86 ``reduce_range``). Full-range
+uint8 input therefore runs as two exact calls on ``x >> 1`` and ``x & 1`` ("onednn_split"), summed in float.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["Facts", "Rule", "RULES", "CONDITIONS", "choose", "cpu_has_vnni", "cpu_has_avx512", "onednn_available"]
+
+
+@functools.cache
+def _capabilities() -> dict[str, Any]:
+    try:
+        return dict(torch._C._cpu._get_cpu_capability())
+    except (AttributeError, RuntimeError):  # older / other builds: assume the weakest x86
+        return {}
+
+
+def cpu_has_vnni() -> bool:
+    """True when uint8 x int8 dot products accumulate in int32 without saturation (VNNI / AMX)."""
+    caps = _capabilities()
+    return any(bool(caps.get(k)) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def cpu_has_avx512() -> bool:
+    return bool(_capabilities().get("avx512_f")) and bool(_capabilities().get("avx512_bw"))
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """onednn's int8 ops are registered and usable on this build."""
+    ops = torch.ops.onednn
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(ops, name) for name in ("qlinear_prepack", "qlinear_pointwise", "qconv_prepack", "qconv_pointwise"))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What a kernel choice may depend on, for one call."""
+
+    device: str = "cpu"
+    rows: int = 1  # GEMM M (batch * tokens) for linear; batch for conv
+    onednn_ok: bool = False  # the module's dtypes / zero points fit onednn (int8 symmetric weight, uint8 input)
+    input_7bit: bool = False  # activations are known to stay in 0..127
+    depthwise: bool = False
+    compiling: bool = False  # torch.export / torch.compile tracing: plain aten ops only
+
+
+CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
+    "device": lambda f, v: f.device == v,
+    "min_rows": lambda f, v: f.rows >= v,
+    "onednn_ok": lambda f, v: (f.onednn_ok and onednn_available()) == v,
+    "exact_u8s8": lambda f, v: (f.input_7bit or cpu_has_vnni()) == v,
+    "depthwise": lambda f, v: f.depthwise == v,
+    "avx512": lambda f, v: cpu_has_avx512() == v,
+    "compiling": lambda f, v: f.compiling == v,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    kernel: str
+    when: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def matches(self, facts: Facts) -> bool:
+        return all(CONDITIONS[name](facts, value) for name, value in self.when.items())
+
+
+_EAGER_CPU = {"device": "cpu", "compiling": False, "onednn_ok": True}
+RULES: dict[str, tuple[Rule, ...]] = {
+    "linear": (
+        Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "exact_u8s8": True}),
+        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 32, "exact_u8s8": False}),
+        Rule("float"),
+    ),
+    "conv": (
+        Rule("onednn", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": True}),
+        Rule("onednn_split", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": False}),
+        Rule("float"),
+    ),
+    "linear_dynamic": (
+        Rule("onednn", {**_EAGER_CPU, "min_rows": 64, "exact_u8s8": True}),
+        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "exact_u8s8": False}),
+        Rule("float"),
+    ),
+    "linear_weight_only": (
+        Rule("int8pack_mm", {"device": "cpu", "compiling": False, "avx512": True}),
+        Rule("float"),
+    ),
+}
+
+
+def choose(op: str, facts: Facts) -> str:
+    """Name of the kernel to run for ``op`` under ``facts`` (``"float"`` is always available)."""
+    try:
+        rules = RULES[op]
+    except KeyError:
+        raise KeyError(f"no kernel rules for op {op!r}; known ops: {sorted(RULES)}") from None
+    for rule in rules:
+        if rule.matches(facts):
+            return rule.kernel
+    return "float"

@@ -1,0 +1,202 @@
+"""Lowered Linear modules: static int8 (uint8 in -> uint8 / float out), dynamic and weight-only.
+
+Static ``Linear`` replaces ``dequantize -> reference Linear -> [relu | gelu | add (+relu)] -> quantize``::
+
+    q = Linear.from_reference(ref, input_scale, input_zero_point, output_scale, output_zero_point,
+                              output_dtype=torch.uint8, post_op="relu")
+    y_q = q(x_q)            # x_q: uint8 tensor quantized with (input_scale, input_zero_point)
+
+Kernels (chosen per call from ``fxquant.kernels.x86.RULES``): onednn ``qlinear_pointwise`` with a lazily
+prepacked weight, the exact split variant for full-range uint8 input on CPUs without VNNI, or the float path
+(dequantize -> F.linear -> quantize) that runs anywhere and under ``torch.export``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.kernels import onednn, portable, x86
+from fxquant.nn.quantized._base import QuantizedModuleBase, act_spec
+from fxquant.nn.quantized._lowering import dynamic_qparams, from_reference_args, reference_weight
+
+__all__ = ["Linear", "LinearDynamic", "LinearWeightOnly"]
+
+
+class Linear(QuantizedModuleBase):
+    """Static quantized linear on plain dtypes; see the module docstring."""
+
+    _OP = "linear"
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_reference(cls, ref: Any, input_scale: float | torch.Tensor, input_zero_point: int | torch.Tensor,
+                       output_scale: float | torch.Tensor | None = None,
+                       output_zero_point: int | torch.Tensor | None = None,
+                       output_dtype: torch.dtype = torch.uint8, post_op: str = "none", **options: Any) -> Linear:
+        """Build from a reference ``Linear`` and the activation qparams around it.
+
+        ``output_dtype`` ``torch.float32`` returns float (then ``output_scale`` / ``output_zero_point`` are
+        unused). ``post_op``: ``none, relu, gelu, gelu_tanh, add, add_relu``; the binary ones need
+        ``other_scale`` / ``other_zero_point`` and ``forward(x, other)``. Keyword ``options``: ``input_dtype``
+        (default uint8), ``input_quant_min/max``, ``output_quant_min/max``, ``other_dtype``,
+        ``other_quant_min/max`` (defaults: the dtype's full range).
+        """
+        mod = cls(ref.in_features, ref.out_features)
+        act = from_reference_args(mod._get_name(), input_scale, input_zero_point, output_scale, output_zero_point,
+                                  output_dtype, post_op, options)
+        spec, weight, bias = reference_weight(ref, mod._get_name())
+        mod._init_quant(spec, weight, bias, act)
+        return mod
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        facts = x86.Facts(device=x.device.type, rows=x.numel() // max(self.in_features, 1),
+                          onednn_ok=self._onednn_ok(), input_7bit=self.input_spec.quant_max <= 127,
+                          compiling=torch.compiler.is_compiling())
+        return _STATIC_KERNELS[x86.choose("linear", facts)](self, x, self._other(other), self._act)
+
+    def _act(self) -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
+        def build() -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
+            x = onednn.ActQParams(float(self.input_scale), int(self.input_zero_point))
+            out_dtype = None if self.output_spec.dtype == torch.uint8 else self.output_spec.dtype
+            out = onednn.ActQParams(float(self.output_scale) if self.output_scale is not None else 1.0,
+                                    int(self.output_zero_point) if self.output_zero_point is not None else 0,
+                                    out_dtype)
+            oth = None if self.other_scale is None else onednn.ActQParams(float(self.other_scale),
+                                                                          int(self.other_zero_point))
+            return x, out, oth
+        return self._cached("act", build)  # type: ignore[no-any-return]
+
+    def _geometry_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+_Acts = Callable[[], tuple[onednn.ActQParams, onednn.ActQParams, "onednn.ActQParams | None"]]
+
+
+def _float_kernel(mod: Linear, x: torch.Tensor, other: Any, acts: _Acts) -> torch.Tensor:
+    y = F.linear(portable.dequantize(x, mod.input_scale, mod.input_zero_point), mod.float_weight(), mod.bias)
+    return portable.finish(y, mod.post_op, mod.output_spec.out, mod.output_scale, mod.output_zero_point, other)
+
+
+def _clamp_to_range(y: torch.Tensor, mod: QuantizedModuleBase) -> torch.Tensor:
+    spec = mod.output_spec
+    full = (0, 255) if spec.dtype == torch.uint8 else (spec.quant_min, spec.quant_max)
+    if spec.dtype.is_floating_point or (spec.quant_min, spec.quant_max) == full:
+        return y
+    return y.clamp_(spec.quant_min, spec.quant_max)
+
+
+def _onednn_kernel(mod: Linear, x: torch.Tensor, other: Any, acts: _Acts) -> torch.Tensor:
+    packed = mod._cached("onednn_linear", lambda: onednn.pack_linear(mod.weight_int))
+    w_scale = mod._cached("w_scale", lambda: mod._weight_scale_per_channel(mod.out_features))
+    w_zp = mod._cached("w_zp", lambda: torch.zeros(mod.out_features, dtype=torch.long))
+    xq, out, oth = acts()
+    lead = x.shape[:-1]
+    acc = None if other is None else (other[0].reshape(-1, mod.out_features), oth)
+    y = onednn.linear(x.reshape(-1, mod.in_features).contiguous(), xq, packed, w_scale, w_zp, mod.bias, out,
+                      mod.post_op, acc)
+    return _clamp_to_range(y, mod).reshape(*lead, mod.out_features)
+
+
+def _split_kernel(mod: Linear, x: torch.Tensor, other: Any, acts: _Acts) -> torch.Tensor:
+    """Full-range uint8 input without VNNI: two exact onednn calls on the 7-bit halves, summed in float."""
+    packed = mod._cached("onednn_linear", lambda: onednn.pack_linear(mod.weight_int))
+    w_scale = mod._cached("w_scale", lambda: mod._weight_scale_per_channel(mod.out_features))
+    w_zp = mod._cached("w_zp", lambda: torch.zeros(mod.out_features, dtype=torch.long))
+    xq, _, _ = acts()
+    (hi, hq), (lo, lq) = onednn.split_halves(x.reshape(-1, mod.in_features).contiguous(), xq)
+    f32 = onednn.ActQParams(1.0, 0, torch.float32)
+    y = onednn.linear(hi, hq, packed, w_scale, w_zp, mod.bias, f32)
+    y = y + onednn.linear(lo, lq, packed, w_scale, w_zp, None, f32)
+    y = y.reshape(*x.shape[:-1], mod.out_features)
+    return portable.finish(y, mod.post_op, mod.output_spec.out, mod.output_scale, mod.output_zero_point, other)
+
+
+_STATIC_KERNELS: dict[str, Callable[[Linear, torch.Tensor, Any, _Acts], torch.Tensor]] = {
+    "float": _float_kernel, "onednn": _onednn_kernel, "onednn_split": _split_kernel}
+
+
+class LinearDynamic(Linear):
+    """Float in, float out; activations quantized at run time (per tensor, or per token = per row).
+
+    ``LinearDynamic.from_reference(ref, dtype=torch.uint8, quant_min=0, quant_max=255, granularity="per_tensor")``
+    matches the reference graph ``choose_qparams -> quantize -> dequantize -> reference Linear``.
+    """
+
+    _OP = "linear_dynamic"
+
+    @classmethod
+    def from_reference(cls, ref: Any, dtype: torch.dtype = torch.uint8, quant_min: int | None = None,  # type: ignore[override]
+                       quant_max: int | None = None, granularity: str = "per_tensor",
+                       post_op: str = "none") -> LinearDynamic:
+        """Build from a reference ``Linear``; ``granularity`` is ``"per_tensor"`` or ``"per_token"``."""
+        if granularity not in ("per_tensor", "per_token"):
+            raise ValueError(f"LinearDynamic: granularity {granularity!r} must be 'per_tensor' or 'per_token'")
+        mod = cls(ref.in_features, ref.out_features)
+        spec = act_spec(dtype, quant_min, quant_max, mod._get_name())
+        act = {"input_spec": spec, "output_spec": act_spec(torch.float32, None, None, ""), "post_op": post_op,
+               "input_scale": 1.0, "input_zero_point": 0}
+        wspec, weight, bias = reference_weight(ref, mod._get_name())
+        mod._init_quant(wspec, weight, bias, act)
+        mod.granularity = granularity
+        return mod
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        scale, zp = dynamic_qparams(x, self.input_spec, self.granularity)
+        spec = self.input_spec
+        qx = portable.quantize(x, scale, zp, portable.OutSpec(spec.dtype, spec.quant_min, spec.quant_max))
+        facts = x86.Facts(device=x.device.type, rows=x.numel() // max(self.in_features, 1),
+                          onednn_ok=self._onednn_ok() and self.granularity == "per_tensor",
+                          input_7bit=spec.quant_max <= 127, compiling=torch.compiler.is_compiling())
+        kernel = x86.choose("linear_dynamic", facts)
+        if kernel == "float":
+            y = F.linear(portable.dequantize(qx, scale, zp), self.float_weight(), self.bias)
+            return portable.UNARY_POST_OPS[self.post_op](y)
+        acts = (onednn.ActQParams(float(scale), int(zp)), onednn.ActQParams(1.0, 0, torch.float32), None)
+        return _STATIC_KERNELS[kernel](self, qx, None, lambda: acts)  # post-op fused or applied by finish
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "granularity": self.granularity}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.granularity = state["granularity"]
+
+
+class LinearWeightOnly(Linear):
+    """Float in, float out, int8 per-channel weights: ``F.linear(x, dequantize(weight), bias)``.
+
+    Kernel: ``aten._weight_int8pack_mm`` where it is fast (AVX512), else a cached dequantized weight.
+    """
+
+    _OP = "linear_weight_only"
+
+    @classmethod
+    def from_reference(cls, ref: Any, post_op: str = "none") -> LinearWeightOnly:  # type: ignore[override]
+        """Build from a reference ``Linear`` (any weight qscheme)."""
+        mod = cls(ref.in_features, ref.out_features)
+        act = {"input_spec": act_spec(torch.float32, None, None, ""), "post_op": post_op,
+               "output_spec": act_spec(torch.float32, None, None, ""), "input_scale": 1.0, "input_zero_point": 0}
+        wspec, weight, bias = reference_weight(ref, mod._get_name())
+        mod._init_quant(wspec, weight, bias, act)
+        return mod
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        facts = x86.Facts(device=x.device.type, rows=x.numel() // max(self.in_features, 1),
+                          compiling=torch.compiler.is_compiling())
+        usable = self._symmetric_int8_weight() and x.dtype == torch.float32
+        kernel = x86.choose("linear_weight_only", facts) if usable else "float"
+        if kernel == "int8pack_mm":
+            scale = self._cached("w_scale", lambda: self._weight_scale_per_channel(self.out_features))
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int, scale)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x, self.float_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return portable.UNARY_POST_OPS[self.post_op](y)
