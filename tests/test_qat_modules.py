@@ -379,3 +379,13 @@ def test_embeddings():
     emb.qconfig = TOY
     with pytest.raises(QATConfigError, match="per_channel_affine_float_qparams"):
         nnqat.Embedding.from_float(emb)
+
+
+@pytest.mark.parametrize("name", ["ConvBnReLU2d", "LinearBn1d"])
+def test_qat_modules_trace_with_fx(name):
+    torch.manual_seed(0)
+    module, x = _ours(name)
+    module.eval()
+    traced = torch.fx.symbolic_trace(module)
+    assert any(n.op == "call_module" and n.target == "bn" for n in traced.graph.nodes)
+    torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)

@@ -44,8 +44,8 @@ def _channel_shape(ndim: int, axis: int) -> list[int]:
 class BnFoldingMixin:
     """Training-time BN handling shared by the fused conv-bn and linear-bn QAT modules.
 
-    Hosts set ``weight``, ``bias``, ``weight_fake_quant`` and implement ``_weight_op(input, weight, zero_bias)``;
-    they call ``_init_bn`` once in ``__init__``.
+    Hosts set ``weight``, ``bias``, ``weight_fake_quant``, implement ``_weight_op(input, weight, zero_bias)`` and
+    ``_weight_ndim()``, and call ``_init_bn`` once in ``__init__``.
     """
 
     bn: nn.Module
@@ -97,13 +97,17 @@ class BnFoldingMixin:
     def _weight_op(self, input: torch.Tensor, weight: torch.Tensor, zero_bias: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _weight_ndim(self) -> int:
+        """Number of weight dimensions, from module attributes (so torch.fx can trace the forward)."""
+        raise NotImplementedError
+
     def _bn_folded_forward(self, input: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the BN-scaled weight, run the op, undo the scale, add the bias and apply BN."""
         bn = self.bn
         running_std = torch.sqrt(bn.running_var + bn.eps)
         scale = bn.weight / running_std
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # gamma == 0: avoid 0 / 0
-        ndim = self.weight.dim()
+        ndim = self._weight_ndim()
         fq_weight = self.weight_fake_quant(self.weight * scale.reshape(_channel_shape(ndim, 0)))
         zero_bias = torch.zeros(scale.shape[0], device=fq_weight.device, dtype=input.dtype)
         out = self._weight_op(input, fq_weight, zero_bias) / scale.reshape(_channel_shape(ndim, 1))

@@ -62,6 +62,9 @@ class _ConvBnNd(BnFoldingMixin, nn.modules.conv._ConvNd, FusedModule):
     def _weight_op(self, input: torch.Tensor, weight: torch.Tensor, zero_bias: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, weight, zero_bias)  # type: ignore[attr-defined]
 
+    def _weight_ndim(self) -> int:
+        return len(self.kernel_size) + 2
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``bn(conv(input))`` with the BN-folded weight fake-quantized."""
         return self._bn_folded_forward(input)

@@ -38,6 +38,9 @@ class LinearBn1d(BnFoldingMixin, nn.Linear, FusedModule):
     def _weight_op(self, input: torch.Tensor, weight: torch.Tensor, zero_bias: torch.Tensor) -> torch.Tensor:
         return F.linear(input, weight, zero_bias)
 
+    def _weight_ndim(self) -> int:
+        return 2
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``bn(linear(input))`` with the BN-folded weight fake-quantized."""
         return self._bn_folded_forward(input)
