@@ -12,7 +12,8 @@ import dataclasses
 
 import torch
 
-__all__ = ["ActQParams", "pack_linear", "pack_conv", "linear", "conv", "UNARY", "BINARY"]
+__all__ = ["ActQParams", "pack_linear", "pack_conv", "linear", "conv", "split_halves", "UNARY", "BINARY",
+           "CONV_FUSED"]
 
 _OPS = torch.ops.onednn
 
@@ -21,6 +22,10 @@ UNARY: dict[str, tuple[str, str]] = {"none": ("none", ""), "relu": ("relu", ""),
                                      "gelu_tanh": ("gelu", "tanh")}
 # binary post-op name -> unary attr applied after the sum
 BINARY: dict[str, str] = {"add": "none", "add_relu": "relu"}
+# post-ops onednn fuses into a conv, by spatial rank (torch 2.13; others run unfused)
+CONV_FUSED: dict[int, frozenset[str]] = {1: frozenset({"none", "relu"}),
+                                         2: frozenset({"none", "relu", "add", "add_relu"}),
+                                         3: frozenset({"none"})}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ depthwise conv2d            onednn 0.6-0.66x -> float path
 Exactness: without VNNI, onednn multiplies uint8 by int8 with ``vpmaddubsw``, which saturates pairs of products
 in int16. That is exact only while activations stay in 0..127 (torch.ao's x86 ``reduce_range``). Full-range
 uint8 input therefore runs as two exact calls on ``x >> 1`` and ``x & 1`` ("onednn_split"), summed in float.
+"onednn_unfused" is one exact call with float output, for post-ops onednn cannot fuse at that rank (conv3d + relu).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class Facts:
     onednn_ok: bool = False  # the module's dtypes / zero points fit onednn (int8 symmetric weight, uint8 input)
     input_7bit: bool = False  # activations are known to stay in 0..127
     depthwise: bool = False
+    fused_ok: bool = True  # onednn fuses the module's post-op for this op / rank
     compiling: bool = False  # torch.export / torch.compile tracing: plain aten ops only
 
 
@@ -80,6 +82,7 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "onednn_ok": lambda f, v: (f.onednn_ok and onednn_available()) == v,
     "exact_u8s8": lambda f, v: (f.input_7bit or cpu_has_vnni()) == v,
     "depthwise": lambda f, v: f.depthwise == v,
+    "fused_ok": lambda f, v: f.fused_ok == v,
     "avx512": lambda f, v: cpu_has_avx512() == v,
     "compiling": lambda f, v: f.compiling == v,
 }
@@ -102,7 +105,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("float"),
     ),
     "conv": (
-        Rule("onednn", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": True}),
+        Rule("onednn", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": True, "fused_ok": True}),
+        Rule("onednn_unfused", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": False}),
         Rule("float"),
     ),

@@ -65,6 +65,9 @@ def _scalar(value: Any, dtype: torch.dtype, name: str, where: str) -> torch.Tens
     return t.reshape(()).to(dtype)
 
 
+_OPTIONAL_BUFFERS = ("bias", "output_scale", "output_zero_point", "other_scale", "other_zero_point")
+
+
 class QuantizedModuleBase(nn.Module):
     """uint8 (or int8) input with its scale / zero point -> quantized or float output, via a chosen kernel."""
 
@@ -74,6 +77,10 @@ class QuantizedModuleBase(nn.Module):
     input_spec: ActSpec
     output_spec: ActSpec
     other_spec: ActSpec | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernel_cache: dict[str, Any] = {}
 
     def _init_quant(self, weight_spec: WeightSpec, weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     bias: torch.Tensor | None, act: Mapping[str, Any]) -> None:
@@ -151,12 +158,17 @@ class QuantizedModuleBase(nn.Module):
         self.input_spec = ActSpec.from_state(state["input_spec"])
         self.output_spec = ActSpec.from_state(state["output_spec"])
         self.other_spec = None if state["other_spec"] is None else ActSpec.from_state(state["other_spec"])
+        for name in _OPTIONAL_BUFFERS:  # a bare module loading a state dict: absent optional buffers are None
+            if name not in self._buffers:
+                self.register_buffer(name, None)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for name, current in list(self._buffers.items()):  # adopt the saved shapes / dtypes
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, torch.Tensor) and (current is None or saved.shape != current.shape
-                                                    or saved.dtype != current.dtype):
+        for key, saved in state_dict.items():  # adopt the saved buffers' shapes / dtypes (a bare module has none)
+            name = key[len(prefix):]
+            if not key.startswith(prefix) or "." in name or not isinstance(saved, torch.Tensor):
+                continue
+            current = self._buffers.get(name)
+            if current is None or saved.shape != current.shape or saved.dtype != current.dtype:
                 self._buffers[name] = torch.empty_like(saved)
         self._kernel_cache = {}
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -167,6 +179,8 @@ class QuantizedModuleBase(nn.Module):
         return state
 
     def extra_repr(self) -> str:
+        if "weight_spec" not in self.__dict__:
+            return f"{self._geometry_repr()}, <not built: use from_reference or load_state_dict>"
         parts = [self._geometry_repr(), f"weight={self.weight_spec.qscheme_name}:"
                  f"{str(self.weight_spec.dtype).removeprefix('torch.')}"]
         parts.append(f"input=({float(self.input_scale):.6g}, {int(self.input_zero_point)}, "

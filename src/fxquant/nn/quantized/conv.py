@@ -1,0 +1,186 @@
+"""Lowered Conv1d/2d/3d and ConvTranspose1d/2d/3d on plain dtypes (uint8 in -> uint8 / float out).
+
+Replaces ``dequantize -> reference conv -> [relu | add (+relu)] -> quantize``::
+
+    q = Conv2d.from_reference(ref, input_scale, input_zero_point, output_scale, output_zero_point,
+                              output_dtype=torch.uint8, post_op="add_relu", other_scale=s, other_zero_point=z)
+    y_q = q(x_q, other_q)
+
+Kernels (``fxquant.kernels.x86.RULES["conv"]``): onednn ``qconv_pointwise`` (``qconv2d_pointwise.binary`` for
+the fused add) with a lazily prepacked weight, producing channels-last output; the exact split variant for
+full-range uint8 input on CPUs without VNNI; the float path (dequantize -> conv -> quantize) for depthwise
+convs, non-zero ``padding_mode``, string padding, transposed convs, other devices and ``torch.export``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.kernels import onednn, portable, x86
+from fxquant.nn.quantized._base import QuantizedModuleBase
+from fxquant.nn.quantized._lowering import from_reference_args, reference_weight
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+
+_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+             "padding_mode", "_reversed_padding_repeated_twice")
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONVT_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _QuantizedConvNd(QuantizedModuleBase):
+    _OP = "conv"
+    _SPATIAL: int
+    _TRANSPOSED = False
+
+    def __init__(self, geometry: dict[str, Any]) -> None:
+        super().__init__()
+        for name, value in geometry.items():
+            setattr(self, name, value)
+
+    @classmethod
+    def from_reference(cls, ref: Any, input_scale: float | torch.Tensor, input_zero_point: int | torch.Tensor,
+                       output_scale: float | torch.Tensor | None = None,
+                       output_zero_point: int | torch.Tensor | None = None,
+                       output_dtype: torch.dtype = torch.uint8, post_op: str = "none", **options: Any) -> Any:
+        """Build from a reference conv of the same kind and the activation qparams around it.
+
+        Arguments as in :meth:`fxquant.nn.quantized.Linear.from_reference`; ``post_op`` is one of ``none, relu,
+        add, add_relu`` (binary ones take ``other_scale`` / ``other_zero_point`` and ``forward(x, other)``).
+        """
+        fields = _GEOMETRY + (("output_padding",) if cls._TRANSPOSED else ())
+        mod = cls({name: getattr(ref, name) for name in fields if hasattr(ref, name)})
+        if getattr(ref, "transposed", False) != cls._TRANSPOSED or ref.weight_int.dim() != cls._SPATIAL + 2:
+            raise TypeError(f"{mod._get_name()}.from_reference: {type(ref).__name__} is not the matching reference "
+                            f"conv ({'transposed' if cls._TRANSPOSED else 'regular'}, {cls._SPATIAL}-d)")
+        act = from_reference_args(mod._get_name(), input_scale, input_zero_point, output_scale, output_zero_point,
+                                  output_dtype, post_op, options)
+        spec, weight, bias = reference_weight(ref, mod._get_name())
+        mod._init_quant(spec, weight, bias, act)
+        return mod
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != self._SPATIAL + 2:
+            raise ValueError(f"{self._get_name()}: expected a {self._SPATIAL + 2}-d (batched) quantized input, "
+                             f"got shape {tuple(x.shape)}")
+        facts = x86.Facts(device=x.device.type, rows=x.shape[0], onednn_ok=self._conv_onednn_ok(),
+                          input_7bit=self.input_spec.quant_max <= 127,
+                          depthwise=self.groups > 1 and self.groups == self.in_channels,
+                          fused_ok=self.post_op in onednn.CONV_FUSED[self._SPATIAL],
+                          compiling=torch.compiler.is_compiling())
+        return _KERNELS[x86.choose(self._OP, facts)](self, x, self._other(other))
+
+    def _conv_onednn_ok(self) -> bool:
+        plain = not self._TRANSPOSED and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        return plain and self._onednn_ok()
+
+    def _geometry(self) -> tuple[list[int], list[int], list[int], int]:
+        return list(self.stride), list(self.padding), list(self.dilation), self.groups
+
+    def _float_conv(self, xf: torch.Tensor) -> torch.Tensor:
+        w = self.float_weight()
+        if self._TRANSPOSED:
+            return _CONVT_FN[self._SPATIAL](xf, w, self.bias, self.stride, self.padding, self.output_padding,
+                                            self.groups, self.dilation)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            xf, padding = F.pad(xf, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return _CONV_FN[self._SPATIAL](xf, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def _act(self) -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
+        def build() -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
+            out_dtype = None if self.output_spec.dtype == torch.uint8 else self.output_spec.dtype
+            out = onednn.ActQParams(*(1.0, 0) if self.output_scale is None else
+                                    (float(self.output_scale), int(self.output_zero_point)), out_dtype)
+            oth = None if self.other_scale is None else onednn.ActQParams(float(self.other_scale),
+                                                                          int(self.other_zero_point))
+            return onednn.ActQParams(float(self.input_scale), int(self.input_zero_point)), out, oth
+        return self._cached("act", build)  # type: ignore[no-any-return]
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w_scale = self._cached("w_scale", lambda: self._weight_scale_per_channel(self.out_channels))
+        packed = self._cached("onednn_conv", lambda: onednn.pack_conv(self.weight_int, w_scale, self._act()[0],
+                                                                      *self._geometry()))
+        return packed, w_scale, self._cached("w_zp", lambda: torch.zeros(self.out_channels, dtype=torch.long))
+
+    def _geometry_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
+                f"stride={tuple(self.stride)}, padding={self.padding}")
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        return text if self.padding_mode == "zeros" else f"{text}, padding_mode={self.padding_mode}"
+
+
+def _float_kernel(mod: _QuantizedConvNd, x: torch.Tensor, other: Any) -> torch.Tensor:
+    y = mod._float_conv(portable.dequantize(x, mod.input_scale, mod.input_zero_point))
+    return portable.finish(y, mod.post_op, mod.output_spec.out, mod.output_scale, mod.output_zero_point, other)
+
+
+def _onednn_kernel(mod: _QuantizedConvNd, x: torch.Tensor, other: Any) -> torch.Tensor:
+    packed, w_scale, w_zp = mod._packed()
+    xq, out, oth = mod._act()
+    acc = None if other is None else (other[0], oth)
+    y = onednn.conv(x, xq, packed, w_scale, w_zp, mod.bias, mod._geometry(), out, mod.post_op, acc)
+    spec = mod.output_spec
+    if not spec.dtype.is_floating_point and (spec.quant_min, spec.quant_max) != (0, 255):
+        y = y.clamp_(spec.quant_min, spec.quant_max)
+    return y
+
+
+def _unfused_kernel(mod: _QuantizedConvNd, x: torch.Tensor, other: Any, split: bool = False) -> torch.Tensor:
+    """Exact onednn call(s) with float output; post-op and quantization in aten ops.
+
+    ``split``: full-range uint8 input without VNNI runs as two calls on the 7-bit halves, summed in float.
+    """
+    packed, w_scale, w_zp = mod._packed()
+    xq = mod._act()[0]
+    parts = onednn.split_halves(x, xq) if split else ((x, xq),)
+    f32, geometry = onednn.ActQParams(1.0, 0, torch.float32), mod._geometry()
+    y = onednn.conv(parts[0][0], parts[0][1], packed, w_scale, w_zp, mod.bias, geometry, f32)
+    for part, part_q in parts[1:]:
+        y = y + onednn.conv(part, part_q, packed, w_scale, w_zp, None, geometry, f32)
+    return portable.finish(y, mod.post_op, mod.output_spec.out, mod.output_scale, mod.output_zero_point, other)
+
+
+_KERNELS: dict[str, Callable[[_QuantizedConvNd, torch.Tensor, Any], torch.Tensor]] = {
+    "float": _float_kernel, "onednn": _onednn_kernel, "onednn_unfused": _unfused_kernel,
+    "onednn_split": lambda mod, x, other: _unfused_kernel(mod, x, other, split=True)}
+
+
+class Conv1d(_QuantizedConvNd):
+    """Quantized Conv1d (see the module docstring)."""
+
+    _SPATIAL = 1
+
+
+class Conv2d(_QuantizedConvNd):
+    """Quantized Conv2d (see the module docstring)."""
+
+    _SPATIAL = 2
+
+
+class Conv3d(_QuantizedConvNd):
+    """Quantized Conv3d (see the module docstring)."""
+
+    _SPATIAL = 3
+
+
+class ConvTranspose1d(_QuantizedConvNd):
+    """Quantized ConvTranspose1d (float-path kernel: onednn has no int8 transposed conv op in torch)."""
+
+    _SPATIAL, _TRANSPOSED = 1, True
+
+
+class ConvTranspose2d(_QuantizedConvNd):
+    """Quantized ConvTranspose2d (float-path kernel)."""
+
+    _SPATIAL, _TRANSPOSED = 2, True
+
+
+class ConvTranspose3d(_QuantizedConvNd):
+    """Quantized ConvTranspose3d (float-path kernel)."""
+
+    _SPATIAL, _TRANSPOSED = 3, True

@@ -1,0 +1,147 @@
+"""Lowered Embedding / EmbeddingBag with 8-bit or packed 4-bit rows (per-row scale and zero point), float out.
+
+Built from a reference module whose table is quantized per row (``per_channel_affine_float_qparams`` axis 0, or
+``per_channel_affine``): ``Embedding.from_reference(ref)``. A 0..15 table (torch.ao's ``quint4x2``) is packed two
+values per byte (low nibble = even column). The forward gathers the requested rows, dequantizes only those
+(``(q - zero_point) * scale``, the reference math) and, for bags, reduces them with ``F.embedding_bag``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Embedding", "EmbeddingBag"]
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    if q.shape[1] % 2:
+        q = F.pad(q, (0, 1))
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def _unpack4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)[..., :dim]
+
+
+class _QuantizedEmbeddingBase(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"{self._get_name()}: bits must be 4 or 8, got {bits}")
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        width = (embedding_dim + 1) // 2 if bits == 4 else embedding_dim  # placeholders until from_reference / load
+        self.register_buffer("weight_packed", torch.zeros(num_embeddings, width, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("weight_zero_point", torch.zeros(num_embeddings))
+
+    def _init_from(self, ref: Any) -> None:
+        spec = getattr(ref, "_weight_specs", {}).get("weight")
+        if spec is None or spec.granularity != "per_channel" or spec.axis != 0 or spec.quant_min is None:
+            raise TypeError(f"{self._get_name()}.from_reference needs an fxquant reference embedding quantized per "
+                            f"row (qscheme per_channel_affine_float_qparams, axis 0); got {type(ref).__name__} "
+                            f"with {getattr(spec, 'qscheme_name', 'no weight spec')}")
+        q = ref.weight_int
+        self.register_buffer("weight_packed", _pack4(q) if self.bits == 4 else q.detach().clone())
+        self.register_buffer("weight_scale", ref.weight_scale.detach().float().clone())
+        self.register_buffer("weight_zero_point", ref.weight_zero_point.detach().float().clone())
+
+    @staticmethod
+    def _bits_of(ref: Any) -> int:
+        spec = getattr(ref, "_weight_specs", {}).get("weight")
+        return 4 if spec is not None and spec.dtype == torch.uint8 and spec.quant_max == 15 else 8
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows for ``indices`` (any shape) -> ``indices.shape + (embedding_dim,)``."""
+        flat = indices.reshape(-1)
+        q = self.weight_packed.index_select(0, flat)
+        if self.bits == 4:
+            q = _unpack4(q, self.embedding_dim)
+        scale = self.weight_scale.index_select(0, flat).unsqueeze(1)
+        zp = self.weight_zero_point.index_select(0, flat).unsqueeze(1)
+        return ((q.float() - zp) * scale).reshape(*indices.shape, self.embedding_dim)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"bits": self.bits}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.bits = int(state["bits"])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name, current in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor) and current is not None and (saved.shape != current.shape
+                                                                            or saved.dtype != current.dtype):
+                self._buffers[name] = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+    def _get_name(self) -> str:
+        return f"Quantized{type(self).__name__}"
+
+
+class Embedding(_QuantizedEmbeddingBase):
+    """Quantized Embedding: ``F.embedding`` on the dequantized table, computed only for the looked-up rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8) -> None:
+        super().__init__(num_embeddings, embedding_dim, bits)
+
+    @classmethod
+    def from_reference(cls, ref: Any) -> Embedding:
+        """Build from a reference ``Embedding`` (``max_norm`` is not supported: it rewrites the table)."""
+        if getattr(ref, "max_norm", None) is not None:
+            raise ValueError("QuantizedEmbedding: max_norm renormalises the table in place; keep such an embedding "
+                             "in reference form")
+        mod = cls(ref.num_embeddings, ref.embedding_dim, cls._bits_of(ref))
+        mod._init_from(ref)
+        return mod
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.rows(indices)
+
+
+class EmbeddingBag(_QuantizedEmbeddingBase):
+    """Quantized EmbeddingBag (modes sum / mean / max, offsets, per-sample weights, padding_idx)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, mode: str = "mean",
+                 include_last_offset: bool = False, padding_idx: int | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, bits)
+        self.mode, self.include_last_offset, self.padding_idx = mode, include_last_offset, padding_idx
+
+    @classmethod
+    def from_reference(cls, ref: Any) -> EmbeddingBag:
+        """Build from a reference ``EmbeddingBag``."""
+        if getattr(ref, "max_norm", None) is not None:
+            raise ValueError("QuantizedEmbeddingBag: max_norm renormalises the table in place; keep such an "
+                             "embedding bag in reference form")
+        mod = cls(ref.num_embeddings, ref.embedding_dim, cls._bits_of(ref), ref.mode, ref.include_last_offset,
+                  ref.padding_idx)
+        mod._init_from(ref)
+        return mod
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.rows(input)
+        n = input.numel()
+        table = rows.reshape(n, self.embedding_dim)
+        positions = torch.arange(n, device=input.device).reshape(input.shape)
+        padding_idx = None
+        if self.padding_idx is not None:  # padded entries point at an extra row that the bag skips
+            table = torch.cat((table, table.new_zeros(1, self.embedding_dim)))
+            positions = torch.where(input == self.padding_idx, torch.full_like(positions, n), positions)
+            padding_idx = n
+        return F.embedding_bag(positions, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               include_last_offset=self.include_last_offset, padding_idx=padding_idx)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "mode": self.mode, "include_last_offset": self.include_last_offset,
+                "padding_idx": self.padding_idx}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.mode, self.include_last_offset = state["mode"], bool(state["include_last_offset"])
+        self.padding_idx = state["padding_idx"]
