@@ -205,3 +205,92 @@ def test_matches_torch_ao_node_qconfigs(traced, spec, root_type):
         expected = None if q is None else TAGS[TAG_CLASSES.index(q.weight)]
         assert ours[name] == expected, name
 
+
+
+# ---------------------------------------------------------------- fusion / QAT / convert-time helpers
+from fxquant import qconfig as qc  # noqa: E402
+from fxquant.qconfig_resolver import (check_convert_qconfig_mapping, with_fused_module_types,  # noqa: E402
+                                      with_qat_module_types)
+
+LinearReLU = type("LinearReLU", (nn.Sequential,), {})
+FUSED = {LinearReLU: [nn.Linear, nn.ReLU]}
+
+
+def test_fused_type_gets_the_parts_qconfig():
+    m = QConfigMapping().set_global(A).set_object_type(nn.Linear, qc.default_qconfig)
+    m.set_object_type(nn.ReLU, qc.QConfig(qc.default_qconfig.activation, qc.default_qconfig.weight))
+    fused = with_fused_module_types(m, FUSED)
+    assert fused.object_type_qconfigs[LinearReLU] is qc.default_qconfig
+    assert LinearReLU not in m.object_type_qconfigs  # the input is not modified
+    assert resolve_qconfig(fused, "fc", LinearReLU) is qc.default_qconfig
+
+
+def test_fused_parts_with_different_qconfigs_raise():
+    m = QConfigMapping().set_object_type(nn.Linear, qc.default_qconfig).set_object_type(nn.ReLU, None)
+    with pytest.raises(LookupError, match="LinearReLU.*Linear.*ReLU"):
+        with_fused_module_types(m, FUSED)
+
+
+def test_fused_explicit_entries_are_kept_and_explicit_none_propagates():
+    m = QConfigMapping().set_global(A).set_object_type(nn.Linear, None)
+    assert resolve_qconfig(with_fused_module_types(m, FUSED), "fc", LinearReLU) is None
+    assert resolve_qconfig(with_fused_module_types(QConfigMapping().set_global(A), FUSED), "fc", LinearReLU) is A
+    m = QConfigMapping().set_object_type(nn.Linear, qc.default_qconfig).set_object_type(LinearReLU, B)
+    m.set_object_type(nn.ReLU, qc.default_qconfig)
+    assert with_fused_module_types(m, FUSED).object_type_qconfigs[LinearReLU] is B
+
+
+def test_fused_agrees_with_torch_ao_where_torch_ao_is_not_wrong():
+    utils = pytest.importorskip("torch.ao.quantization.fx.qconfig_mapping_utils")
+    import torch.ao.nn.intrinsic as nni
+    from torch.ao.quantization import QConfigMapping as AOMapping
+    from torch.ao.quantization import default_qconfig as ao_q
+    fused_types = {nni.LinearReLU: [nn.Linear, nn.ReLU]}
+    for linear, relu in [(True, True), (True, False), (False, True), (False, False)]:
+        ao_map, ours = AOMapping(), QConfigMapping()
+        for cls, on in ((nn.Linear, linear), (nn.ReLU, relu)):
+            if on:
+                ao_map.set_object_type(cls, ao_q)
+                ours.set_object_type(cls, qc.default_qconfig)
+        try:
+            utils._update_qconfig_for_fusion(_leaf_gm(nni.LinearReLU), ao_map)
+            expected = nni.LinearReLU in ao_map.object_type_qconfigs
+        except LookupError:
+            expected = LookupError
+        try:
+            got = nni.LinearReLU in with_fused_module_types(ours, fused_types).object_type_qconfigs
+        except LookupError:
+            got = LookupError
+        assert got == expected, (linear, relu)
+
+
+def _leaf_gm(fused_cls):
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, fused_cls) or super().is_leaf_module(m, name)
+
+    root = nn.Sequential(fused_cls(nn.Linear(2, 2), nn.ReLU()))
+    return torch.fx.GraphModule(root, Tracer().trace(root))
+
+
+def test_qat_types_inherit_float_entries():
+    QatLinear = type("QatLinear", (nn.Linear,), {})
+    m = QConfigMapping().set_object_type(nn.Linear, A).set_object_type(nn.Conv2d, B)
+    out = with_qat_module_types(m, {nn.Linear: QatLinear, nn.ReLU: nn.ReLU})
+    assert out.object_type_qconfigs[QatLinear] is A and QatLinear not in m.object_type_qconfigs
+    assert with_qat_module_types(m.set_object_type(QatLinear, C), {nn.Linear: QatLinear}).object_type_qconfigs[
+        QatLinear] is C
+
+
+def test_check_convert_qconfig_mapping():
+    prepared = (QConfigMapping().set_global(qc.default_qconfig).set_object_type(nn.Linear, qc.default_qconfig)
+                .set_module_name("head", qc.default_per_channel_qconfig))
+    same = prepared.copy().set_module_name("head", None)  # None: skip those nodes
+    check_convert_qconfig_mapping(prepared, same)
+    with pytest.raises(ValueError, match="missing module_name entry 'head'"):
+        check_convert_qconfig_mapping(prepared, QConfigMapping().set_global(qc.default_qconfig)
+                                      .set_object_type(nn.Linear, None))
+    with pytest.raises(ValueError, match="global qconfig"):
+        check_convert_qconfig_mapping(prepared, prepared.copy().set_global(qc.default_per_channel_qconfig))
+    with pytest.raises(ValueError, match="object_type entry .*Linear.* was"):
+        check_convert_qconfig_mapping(prepared, prepared.copy().set_object_type(nn.Linear, qc.default_debug_qconfig))

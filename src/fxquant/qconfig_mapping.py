@@ -8,6 +8,7 @@ mapping resolves to one qconfig per graph node lives in :mod:`fxquant.qconfig_re
 """
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from collections import OrderedDict
@@ -231,8 +232,11 @@ def _key_repr(key: Any) -> str:
     if isinstance(key, type) or callable(key):
         module = getattr(key, "__module__", None)
         name = getattr(key, "__qualname__", None) or getattr(key, "__name__", None)
+        # builtins such as F.linear report module torch._C._nn: name them by their public namespace
+        public = next((ns for ns, obj in (("torch.nn.functional", torch.nn.functional), ("torch", torch))
+                       if name and getattr(obj, name, None) is key), None)
         if name:
-            return f"{module}.{name}" if module else name
+            return f"{public or module}.{name}" if (public or module) else name
     return repr(key)
 
 
@@ -251,11 +255,11 @@ def _fixed_qparams_ops() -> tuple[tuple[ObjectType, str], ...]:
 
 
 def _default_mapping(is_qat: bool, backend: str, version: int) -> QConfigMapping:
-    from fxquant import fake_quantize as fq
     from fxquant import observer as obs
     from fxquant import qconfig as qc
 
     qconfig = qc.get_default_qat_qconfig(backend, version) if is_qat else qc.get_default_qconfig(backend, version)
+    fq: Any = importlib.import_module("fxquant.fake_quantize") if is_qat else None
     default_weight = fq.default_weight_fake_quant if is_qat else obs.default_weight_observer
     # x86/fbgemm have no per-channel ConvTranspose kernels: per-tensor weights there
     transpose = qc.QConfig(qconfig.activation, default_weight) if backend in ("x86", "fbgemm") else qconfig
