@@ -25,14 +25,15 @@ from fxquant.distributed import (ObserverSync, ObserverSyncError, observers_in_s
 
 WORLD = 2
 TIMEOUT_S = 120
-# HistogramObserver: the synced clipping range is within this many bins (of the union's histogram width) of a
-# single process calibrated on all shards.
-HIST_BIN_TOLERANCE = 8
+# HistogramObserver: a single process's histogram (and so its clipping range) depends on the order it sees the
+# batches in. The synced clipping range must lie within the spread of single-process runs over several orders of the
+# same batches, give or take this fraction of the bins (measured: 0 over 80 randomized cases, heavy-tailed data).
+HIST_TOLERANCE_BINS = 0.01
 
 
 def _shard(rank: int, batch: int, shape=(16, 8), shift: float = 0.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * rank + batch)
-    return torch.randn(shape, generator=gen) * (1.0 + rank) + shift * rank
+    return torch.randn(shape, generator=gen).pow(3) * (1.0 + rank) + shift * rank  # heavy tails: clipping matters
 
 
 def _all_shards(batches: int, **kw) -> list[torch.Tensor]:
@@ -87,6 +88,24 @@ def _qparams(observer) -> list:
     return [scale.tolist(), zero_point.tolist()]
 
 
+def _other_orders(batches: int, **kw) -> list[list[torch.Tensor]]:
+    rank_major = [_shard(r, b, **kw) for r in range(WORLD) for b in range(batches)]
+    return [rank_major, rank_major[::-1], _all_shards(batches, **kw)[::-1]]
+
+
+def _histogram_of(batches: list[torch.Tensor]) -> O.HistogramObserver:
+    observer = Observed().hist
+    for x in batches:
+        observer(x)
+    return observer
+
+
+def _clip_bins(observer: O.HistogramObserver, union: O.HistogramObserver) -> float:
+    """Width of the chosen clipping range, in bins of the union's histogram."""
+    scale = observer.calculate_qparams()[0].item()
+    return scale * (observer.quant_max - observer.quant_min) * union.bins / (union.max_val - union.min_val).item()
+
+
 def _scenario_union(rank: int, out: dict) -> None:
     batches = 3
     model = Observed()
@@ -111,14 +130,13 @@ def _scenario_union(rank: int, out: dict) -> None:
     hist, ref_hist = model.hist, reference.hist
     assert torch.equal(hist.min_val, ref_hist.min_val) and torch.equal(hist.max_val, ref_hist.max_val)
     assert hist.histogram.sum().item() == pytest.approx(ref_hist.histogram.sum().item(), rel=1e-5)
-    (scale,), (zp,) = _qparams(hist)
-    (ref_scale,), (ref_zp,) = _qparams(ref_hist)
-    bin_width = (ref_hist.max_val - ref_hist.min_val).item() / ref_hist.bins
-    range_err = abs(scale * (hist.quant_max - hist.quant_min) - ref_scale * (hist.quant_max - hist.quant_min))
-    assert range_err <= HIST_BIN_TOLERANCE * bin_width, (range_err / bin_width, scale, ref_scale)
+    spread = [_clip_bins(ref_hist, ref_hist)] + [_clip_bins(_histogram_of(order), ref_hist)
+                                                 for order in _other_orders(batches, shift=0.5)]
+    off = max(0.0, min(spread) - _clip_bins(hist, ref_hist), _clip_bins(hist, ref_hist) - max(spread))
+    assert off <= HIST_TOLERANCE_BINS * hist.bins, (off, spread, _clip_bins(hist, ref_hist))
     out["union"] = {name: _qparams(getattr(model, name)) for name in ("minmax", "per_channel", "moving",
                                                                       "moving_pc", "hist")}
-    out["hist_bins_off"] = range_err / bin_width
+    out["hist_bins_off"] = off
     assert observers_in_sync(model)
 
 
@@ -242,7 +260,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    # fork starts in well under a second (spawn re-imports torch: ~15 s on a busy machine); CUDA is not fork-safe
+    method = "spawn" if torch.cuda.is_initialized() or "fork" not in mp.get_all_start_methods() else "fork"
+    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method=method)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=5):
@@ -262,7 +282,7 @@ def test_every_rank_ends_with_identical_qparams(results):
 def test_scenarios_ran_on_every_rank(results):
     for out in results:
         assert out["mismatch"] == "raised" and out["sync_points"] == 2
-        assert 0 <= out["hist_bins_off"] <= HIST_BIN_TOLERANCE
+        assert 0 <= out["hist_bins_off"] <= HIST_TOLERANCE_BINS * 256
 
 
 def test_needs_an_initialised_process_group():
