@@ -124,12 +124,16 @@ class QuantizedModuleBase(nn.Module):
         return self.weight_scale.float().reshape(-1).expand(channels).contiguous()
 
     def _symmetric_int8_weight(self) -> bool:
+        if torch.compiler.is_compiling():  # a data-dependent test; traced graphs use the float path anyway
+            return False
         return (self.weight_spec.dtype == torch.int8 and self.weight_spec.granularity != "none"
                 and (self.weight_spec.granularity == "per_tensor" or self.weight_spec.axis == 0)
                 and not bool(self.weight_zero_point.any()))
 
     def _onednn_ok(self) -> bool:
         """Dtypes and zero points onednn computes exactly (the 0..127 question is separate: see x86.py)."""
+        if torch.compiler.is_compiling():
+            return False
         return self._cached("onednn_ok", lambda: self._symmetric_int8_weight() and
                             self.input_spec.dtype == torch.uint8 and
                             self.output_spec.dtype in (torch.uint8, torch.float32) and
