@@ -59,12 +59,17 @@ def merge_histograms(old_hist: torch.Tensor, old_min: torch.Tensor, old_max: tor
 
 
 @functools.lru_cache(maxsize=1)
-def _quantile_walk() -> tuple[list[float], list[float], np.ndarray, np.ndarray]:
-    """alpha_k and beta_k after k steps (as lists and arrays), accumulated one step at a time in float64 exactly
-    as a Python loop does (``np.cumsum`` adds sequentially)."""
+def _quantile_walk() -> tuple[list[float], list[float]]:
+    """alpha_k and beta_k after k steps, accumulated one step at a time in float64 exactly as a Python loop
+    does (``np.cumsum`` adds sequentially)."""
     alphas = np.cumsum(np.concatenate(([0.0], np.full(_WALK_LEN, _STEP))))
     betas = np.cumsum(np.concatenate(([1.0], np.full(_WALK_LEN, -_STEP))))
-    return alphas.tolist(), betas.tolist(), alphas, betas
+    return alphas.tolist(), betas.tolist()
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, as torch does when it compares a float32 tensor with a Python float."""
+    return float(np.float32(value))
 
 
 def _walk(csum: list[float], total: float) -> Iterator[tuple[int, int]]:
@@ -73,25 +78,25 @@ def _walk(csum: list[float], total: float) -> Iterator[tuple[int, int]]:
     torch.ao compares the float32 cumulative histogram with ``alpha * total`` rounded to float32; the bins where
     the bounds land are found by bisection, and runs of steps that change nothing are jumped over.
     """
-    alphas, betas, alpha_arr, beta_arr = _quantile_walk()
-    lower = (alpha_arr[1:] * total).astype(np.float32)  # threshold of the next alpha after i steps
-    upper = (beta_arr[1:] * total).astype(np.float32)
-    neg_upper = -upper  # non-decreasing, for searchsorted
+    alphas, betas = _quantile_walk()
+    last = len(betas) - 2
     i = j = start = 0
     end = len(csum) - 1
     while alphas[i] < betas[j] and start < end:  # once start == end no later step can move either bound
-        left = min(max(bisect.bisect_left(csum, float(lower[i])), start), end)
-        right = max(min(bisect.bisect_right(csum, float(upper[j])) - 1, end), start)
+        left = min(max(bisect.bisect_left(csum, _f32(alphas[i + 1] * total)), start), end)
+        right = max(min(bisect.bisect_right(csum, _f32(betas[j + 1] * total)) - 1, end), start)
         if left - start > end - right:
             start, i = left, i + 1
         elif right == end:  # nothing moves until the upper threshold drops below csum[end]: jump there
-            j = max(j + 1, int(np.searchsorted(neg_upper, -csum[end], side="right")))
-            if j >= upper.size:
+            target = csum[end]
+            j += 1 + bisect.bisect_left(range(j + 1, last + 1), True,
+                                        key=lambda k: _f32(betas[k + 1] * total) < target)
+            if j > last:
                 return
             continue
         else:
             end, j = right, j + 1
-        if i >= lower.size:
+        if i > last:
             raise RuntimeError("histogram search ran past its quantile table; please report this")
         yield start, end
 
