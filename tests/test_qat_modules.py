@@ -118,7 +118,12 @@ def _assert_same_step(ours, theirs, x, opt_ours=None, opt_theirs=None):
 def fx_qconfig():
     qconfig_mod = pytest.importorskip("fxquant.qconfig", reason="fxquant.qconfig is not there yet")
     pytest.importorskip("fxquant.fake_quantize", reason="fxquant.fake_quantize is not there yet")
-    return qconfig_mod.get_default_qat_qconfig("x86")
+    qconfig = qconfig_mod.get_default_qat_qconfig("x86")
+    try:
+        qconfig.weight()(torch.randn(4, 4))
+    except ImportError as err:  # a module the fake quants need is still being written
+        pytest.skip(f"fxquant's fake quants cannot run yet: {err}")
+    return qconfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
