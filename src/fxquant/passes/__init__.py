@@ -1,0 +1,3 @@
+"""fxquant's graph passes, one per file; importing this package registers them all."""
+from . import (annotate, assign_qconfig, fuse, observe, qat_swap, record_state, share,  # noqa: F401
+               special_modules, to_reference, trace, verify)

@@ -1,0 +1,138 @@
+"""annotate: decide, node by node, what is quantized how — the only pass that reads the BackendConfig's dtypes.
+
+For every match of a backend pattern whose qconfig satisfies one of the pattern's dtype configs, each node of the
+match gets a :class:`~fxquant.annotation.NodeAnnotation` saying how its activation inputs, weight and output are
+quantized. Everything else gets a float annotation with a reason, which ``fxquant.explain`` shows.
+
+Before::  conv(x) -> relu -> flatten        After (annotations)::
+                                             conv: in=uint8 out=uint8 (pattern (ReLU, Conv2d)... root)
+                                             flatten: share input qparams
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from .._dtypes import normalize_dtype
+from ..annotation import FLOAT, NodeAnnotation, QSpec, set_annotation
+from ..backend_config import ObservationType
+from ..backend_config.matching import find_dtype_config
+from ..pipeline import Context, register_pass
+from .assign_qconfig import QCONFIG_KEY
+from .common import backend_config_of
+from .match import Match, PatternIndex, find_matches
+
+__all__ = ["annotate", "spec_of"]
+
+_SPEC_CACHE: dict[int, tuple[Any, QSpec]] = {}
+
+
+def spec_of(ctor: Any) -> QSpec:
+    """The QSpec of an observer / fake-quant constructor (instantiated once per constructor to read dtype)."""
+    if ctor is None:
+        return FLOAT
+    hit = _SPEC_CACHE.get(id(ctor))
+    if hit is not None and hit[0] is ctor:
+        return hit[1]
+    obs = ctor()
+    dtype = normalize_dtype(getattr(obs, "dtype", torch.float32)) or torch.float32
+    if dtype == torch.float:
+        dtype = torch.float32
+    spec = QSpec(ctor, dtype, bool(getattr(obs, "is_dynamic", False)), type(obs))
+    _SPEC_CACHE[id(ctor)] = (ctor, spec)
+    return spec
+
+
+def is_float_tensor(node: Any) -> bool:
+    """True when ``node`` produced a floating-point tensor (unknown values count as float tensors)."""
+    if not isinstance(node, fx.Node):
+        return False
+    info = node.meta.get("fxquant_value")
+    if info is None:
+        return not (node.op == "call_method" and node.target in ("size", "dim")) and \
+            not (node.op == "call_function" and node.target is getattr)
+    return info.is_tensor and info.is_float
+
+
+def _observation_type(cfg: Any, root: fx.Node) -> ObservationType:
+    table = getattr(cfg, "_num_tensor_args_to_observation_type", None) or {}
+    if table:
+        n = sum(1 for a in root.args if is_float_tensor(a))
+        if n in table:
+            return table[n]
+    return cfg.observation_type
+
+
+def _roles(cfg: Any, root: fx.Node) -> tuple[str, ...]:
+    """Which parts of a dtype config to check: weight/bias only for functional ops with weight arguments."""
+    has_weight = root.op == "call_function" and "weight" in (getattr(cfg, "_input_type_to_index", None) or {})
+    return ("input", "output", "weight", "bias") if has_weight else ("input", "output")
+
+
+def _float(reason: str, qconfig: Any = None, m: Optional[Match] = None) -> NodeAnnotation:
+    return NodeAnnotation(qconfig=qconfig, pattern=m.pattern if m else None, matched=m.nodes if m else (),
+                          reason=reason)
+
+
+def _annotate_match(m: Match, ctx: Context) -> None:
+    qconfig = m.last.meta.get(QCONFIG_KEY)
+    if qconfig is None:
+        reason = "qconfig is None (the QConfigMapping leaves it in float)"
+        for n in m.nodes:
+            set_annotation(n, _float(reason, None, m))
+        return
+    dc, reasons = find_dtype_config(qconfig, m.config.dtype_configs, ctx.is_qat, roles=_roles(m.config, m.root),
+                                    warn=True)
+    if dc is None:
+        reason = "the backend does not support this qconfig here: " + "; ".join(reasons)
+        for n in m.nodes:
+            set_annotation(n, _float(reason, qconfig, m))
+        return
+    obs_type = _observation_type(m.config, m.root)
+    act = spec_of(qconfig.activation)
+    observed = obs_type != ObservationType.INPUT_OUTPUT_NOT_OBSERVED
+    index = getattr(m.config, "_input_type_to_index", None) or {}
+    for n in m.nodes:
+        out_spec = act if (observed and not act.is_dynamic and is_float_tensor(n)) else FLOAT
+        set_annotation(n, NodeAnnotation(
+            qconfig=qconfig, pattern=m.pattern, config=m.config, matched=m.nodes, is_root=n is m.root, is_last=n is m.last,
+            input_act=act if observed else FLOAT, weight=spec_of(qconfig.weight) if index.get("weight") is not None
+            else FLOAT, output=out_spec, weight_index=index.get("weight"), bias_index=index.get("bias"),
+            share_io=obs_type == ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT,
+            reuse_input=_is_reuse_input(qconfig)))
+
+
+def _is_reuse_input(qconfig: Any) -> bool:
+    act = qconfig.activation
+    cls = getattr(act, "p", None)
+    cls = getattr(cls, "func", cls) or act
+    return getattr(cls, "__name__", "") == "ReuseInputObserver" or type(act).__name__ == "ReuseInputObserver"
+
+
+def _unmatched_reason(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.meta.get(QCONFIG_KEY) is None:
+        return "qconfig is None (the QConfigMapping leaves it in float)"
+    what = type(modules[str(node.target)]).__name__ if node.op == "call_module" else getattr(
+        node.target, "__name__", str(node.target))
+    return f"the backend has no pattern for {what}"
+
+
+@register_pass("annotate")
+def annotate(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+    """Match backend patterns and write a NodeAnnotation on every call node."""
+    backend = backend_config_of(ctx)
+    modules = ctx.modules(gm)
+    skip = {n for n in gm.graph.nodes if n.meta.get("fxquant_special")}
+    matches = find_matches(gm.graph, PatternIndex(backend.configs), modules, skip)
+    seen: set[int] = set()
+    for m in matches.values():
+        if id(m) not in seen:
+            seen.add(id(m))
+            _annotate_match(m, ctx)
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method") and node not in matches \
+                and "fxquant_special" not in node.meta:
+            set_annotation(node, _float(_unmatched_reason(node, modules), node.meta.get(QCONFIG_KEY)))
+    return gm

@@ -1,0 +1,67 @@
+"""record_state: leave on the prepared model what convert needs, as plain picklable data.
+
+Annotations live in ``node.meta``, which pickling drops; convert must work on a prepared model that was saved and
+loaded, so this pass copies the decisions it needs into a :class:`~fxquant.passes.common.PreparedState`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+from ..annotation import get_annotation
+from ..pipeline import Context, register_pass
+from .assign_qconfig import QCONFIG_KEY
+from .common import PreparedState, backend_config_of, set_state
+
+__all__ = ["record_state", "WeightedEntry", "NodeRecord"]
+
+
+@dataclass(frozen=True)
+class WeightedEntry:
+    """A weighted module to swap at convert: the node calling it, its qconfig, its reference class."""
+
+    node_name: str
+    qconfig: Any
+    reference_cls: Any
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """Enough about a call node to resolve a convert-time QConfigMapping for it again."""
+
+    op: str
+    target: Any  # module class for call_module, else the function / method name
+    path: str  # module path for call_module, else the scope path
+    scope_type: Any
+    qconfig: Any
+    reason: str
+
+
+def _record(node: fx.Node, modules: dict[str, Any]) -> NodeRecord:
+    scope_path, scope_type = node.meta.get("fxquant_scope", ("", None))
+    ann = get_annotation(node)
+    if node.op == "call_module":
+        return NodeRecord(node.op, type(modules[str(node.target)]), str(node.target), scope_type,
+                          node.meta.get(QCONFIG_KEY), ann.reason)
+    return NodeRecord(node.op, node.target, scope_path, scope_type, node.meta.get(QCONFIG_KEY), ann.reason)
+
+
+@register_pass("record_state")
+def record_state(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+    """Store a PreparedState on ``gm`` (attribute and meta)."""
+    modules = ctx.modules(gm)
+    state = PreparedState(qconfig_mapping=ctx.qconfig_mapping, backend_config=backend_config_of(ctx),
+                          is_qat=ctx.is_qat, prepare_custom_config=ctx.prepare_custom_config,
+                          is_standalone=ctx.is_standalone)
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or "fxquant" not in node.meta:
+            continue
+        state.nodes[node.name] = _record(node, modules)
+        ann = get_annotation(node)
+        ref = getattr(ann.config, "reference_quantized_module", None)
+        if node.op == "call_module" and ann.is_root and ann.qconfig is not None and not ann.reason and ref:
+            state.weighted_modules[str(node.target)] = WeightedEntry(node.name, ann.qconfig, ref)
+    set_state(gm, state)
+    return gm

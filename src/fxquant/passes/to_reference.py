@@ -1,0 +1,246 @@
+"""to_reference: turn an observed model into a reference quantized model (quantize / dequantize around float ops).
+
+Before::  x -> app_0 -> conv -> app_1 -> out                    (observers hold statistics)
+After::   x -> quantize -> dequantize -> ref_conv -> quantize -> dequantize -> out
+
+* every observer becomes ``torch.ops.fxquant.quantize_* -> dequantize_*`` with its qparams stored as buffers of the
+  model; a dynamic observer becomes ``choose_qparams -> quantize -> dequantize`` at run time; an observer of a
+  constant (a functional op's weight) is folded: the int weight is stored, only the dequantize stays;
+* each quantized weighted module becomes its reference module (int weight + qparams, float compute); QAT modules
+  keep the qparams they trained with;
+* standalone submodules are converted recursively.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from .._dtypes import dtype_range, is_float_qdtype, normalize_dtype
+from ..pipeline import Context, register_pass
+from .common import get_state, is_observer, set_module
+
+__all__ = ["to_reference", "weight_qparams_of", "ConvertError"]
+
+ops = torch.ops.fxquant
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
+
+
+class ConvertError(ValueError):
+    """convert_fx was given something it cannot convert."""
+
+
+def weight_qparams_of(obs: nn.Module) -> dict[str, Any]:
+    """torch.ao-style weight qparams dict from an observer / fake quant that has seen the weight."""
+    dtype = normalize_dtype(obs.dtype)
+    qscheme = getattr(obs, "qscheme", torch.per_tensor_affine)
+    if is_float_qdtype(dtype) and not hasattr(obs, "calculate_qparams"):
+        return {"qscheme": None, "dtype": dtype}
+    scale, zero_point = obs.calculate_qparams()
+    out = {"qscheme": qscheme, "dtype": dtype, "scale": scale, "zero_point": zero_point}
+    if qscheme in _PER_CHANNEL:
+        out["axis"] = obs.ch_axis
+    out["quant_min"], out["quant_max"] = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
+    return out
+
+
+class _Builder:
+    """Adds buffers and q/dq nodes to the graph module."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.buffers: dict[tuple[int, str], str] = {}
+
+    def buffer(self, base: str, value: torch.Tensor) -> str:
+        name, k = base, 0
+        while hasattr(self.gm, name):
+            k += 1
+            name = f"{base}_{k}"
+        self.gm.register_buffer(name, value)
+        return name
+
+    def get_attr(self, name: str) -> fx.Node:
+        return self.gm.graph.get_attr(name)
+
+    def qparams(self, obs: nn.Module, base: str) -> tuple[str, str]:
+        """Buffer names of ``obs``'s scale and zero point (shared by all nodes of one observer object)."""
+        key = (id(obs), "qp")
+        if key not in self.buffers:
+            scale, zp = obs.calculate_qparams()
+            s_name = self.buffer(f"{base}_scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone())
+            z_name = self.buffer(f"{base}_zero_point", torch.as_tensor(zp).detach().clone())
+            self.buffers[key] = s_name
+            self.buffers[(id(obs), "zp")] = z_name
+        return self.buffers[key], self.buffers[(id(obs), "zp")]
+
+
+def _is_per_channel(obs: nn.Module) -> bool:
+    return getattr(obs, "qscheme", None) in _PER_CHANNEL
+
+
+def _static(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
+    src = node.args[0]
+    qmin, qmax = dtype_range(dtype)
+    s_name, z_name = b.qparams(obs, src.name)
+    per_channel = _is_per_channel(obs)
+    if src.op == "get_attr":  # a constant (weight): quantize now, keep only the dequantize
+        value = getattr(b.gm, str(src.target)) if "." not in str(src.target) else b.gm.get_parameter(str(src.target))
+        scale, zp = getattr(b.gm, s_name), getattr(b.gm, z_name)
+        q = (ops.quantize_per_channel(value.detach(), scale, zp, obs.ch_axis, qmin, qmax, dtype) if per_channel
+             else ops.quantize_per_tensor(value.detach(), scale, zp, qmin, qmax, dtype))
+        src = b.get_attr(b.buffer(f"{str(src.target).replace('.', '_')}_int", q))
+        return _dequant(b, src, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
+    if per_channel:
+        qnode = b.gm.graph.call_function(ops.quantize_per_channel.default, (
+            src, b.get_attr(s_name), b.get_attr(z_name), obs.ch_axis, qmin, qmax, dtype))
+    else:
+        qnode = b.gm.graph.call_function(ops.quantize_per_tensor.default, (
+            src, b.get_attr(s_name), b.get_attr(z_name), qmin, qmax, dtype))
+    return _dequant(b, qnode, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
+
+
+def _dequant(b: _Builder, q: fx.Node, s_name: str, z_name: str, qmin: int, qmax: int, dtype: torch.dtype,
+             per_channel_obs: Optional[nn.Module]) -> fx.Node:
+    if per_channel_obs is not None:
+        return b.gm.graph.call_function(ops.dequantize_per_channel.default, (
+            q, b.get_attr(s_name), b.get_attr(z_name), per_channel_obs.ch_axis, qmin, qmax, dtype))
+    return b.gm.graph.call_function(ops.dequantize_per_tensor.default, (
+        q, b.get_attr(s_name), b.get_attr(z_name), qmin, qmax, dtype))
+
+
+def _dynamic(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
+    src = node.args[0]
+    qmin, qmax = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
+    if qmin is None or qmax is None:
+        qmin, qmax = dtype_range(dtype, bool(getattr(obs, "reduce_range", False)))
+    eps = float(getattr(obs, "eps", torch.finfo(torch.float32).eps))
+    symmetric = getattr(obs, "qscheme", None) in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+    g = b.gm.graph
+    qp = g.call_function(ops.choose_qparams_per_tensor.default, (src, qmin, qmax, eps, dtype, symmetric))
+    scale = g.call_function(operator.getitem, (qp, 0))
+    zp = g.call_function(operator.getitem, (qp, 1))
+    full_min, full_max = dtype_range(dtype)
+    q = g.call_function(ops.quantize_per_tensor.default, (src, scale, zp, full_min, full_max, dtype))
+    return g.call_function(ops.dequantize_per_tensor.default, (q, scale, zp, full_min, full_max, dtype))
+
+
+def _float_cast(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
+    g = b.gm.graph
+    return g.call_method("to", (g.call_method("to", (node.args[0], dtype)), torch.float32))
+
+
+def _replace_observer(b: _Builder, node: fx.Node, obs: nn.Module, float_nodes: set[str]) -> None:
+    src = node.args[0]
+    dtype = normalize_dtype(getattr(obs, "dtype", torch.float32))
+    keep_float = dtype in (torch.float32, torch.float, None) or src.name in float_nodes or \
+        all(u.name in float_nodes for u in node.users if u.op != "output")
+    with b.gm.graph.inserting_after(node):
+        if keep_float:
+            new = src
+        elif is_float_qdtype(dtype):
+            new = _float_cast(b, node, obs, dtype)
+        elif getattr(obs, "is_dynamic", False):
+            new = _dynamic(b, node, obs, dtype)
+        else:
+            new = _static(b, node, obs, dtype)
+    node.replace_all_uses_with(new)
+    b.gm.graph.erase_node(node)
+
+
+def _weighted_part(mod: nn.Module) -> tuple[nn.Module, Optional[int]]:
+    """The module holding the weight: a fused container's first child, else the module itself."""
+    if isinstance(mod, nn.Sequential) and len(mod) > 0 and hasattr(mod[0], "weight"):
+        return mod[0], 0
+    return mod, None
+
+
+def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.Module:
+    """Float / fused / QAT module -> the same structure with its weighted part replaced by the reference module."""
+    qat_fq = getattr(mod, "weight_fake_quant", None)
+    if qat_fq is not None and hasattr(mod, "to_float"):
+        weight_qparams = weight_qparams_of(qat_fq)  # the qparams training used
+        mod = mod.to_float()
+    else:
+        part, _ = _weighted_part(mod)
+        obs = entry.qconfig.weight()
+        obs(part.weight.detach())
+        weight_qparams = weight_qparams_of(obs)
+    part, index = _weighted_part(mod)
+    ref = entry.reference_cls.from_float(part, weight_qparams)
+    if keep_original:
+        ref.original_weight = part.weight
+    if index is None:
+        return ref
+    mod[index] = ref
+    return mod
+
+
+def _swap_weighted(gm: fx.GraphModule, state: Any, float_nodes: set[str], keep_original: bool) -> None:
+    for path, entry in state.weighted_modules.items():
+        if entry.node_name in float_nodes or entry.reference_cls is None:
+            continue
+        mod = gm.get_submodule(path)
+        set_module(gm, path, _to_reference_module(mod, entry, keep_original))
+
+
+def _unfinished_observers(observers: list[nn.Module]) -> list[str]:
+    out = []
+    for name, obs in observers:
+        min_val = getattr(obs, "min_val", None)
+        if isinstance(min_val, torch.Tensor) and min_val.numel() > 0 and torch.isinf(min_val).all():
+            out.append(name)
+        elif isinstance(min_val, torch.Tensor) and min_val.numel() == 0 and hasattr(obs, "ch_axis"):
+            out.append(name)
+    return out
+
+
+def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str]) -> None:
+    b = _Builder(gm)
+    modules = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_observer(modules.get(str(n.target)))]
+    pairs = [(str(n.target), modules[str(n.target)]) for n in nodes]
+    empty = _unfinished_observers(pairs)
+    if empty:
+        warnings.warn(f"fxquant convert: {len(empty)} observer(s) saw no data, their qparams default to scale 1.0, "
+                      f"zero point 0: {', '.join(empty)}. Run calibration data through the prepared model first.",
+                      stacklevel=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the per-observer "no data" warnings are summarised above
+        for node in nodes:
+            _replace_observer(b, node, modules[str(node.target)], float_nodes)
+    for name, _ in pairs:
+        if hasattr(gm, name):
+            delattr(gm, name)
+
+
+def _remove_qconfig(gm: nn.Module) -> None:
+    for mod in gm.modules():
+        if "qconfig" in mod.__dict__:
+            del mod.qconfig
+
+
+@register_pass("to_reference")
+def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
+    """Convert a prepared GraphModule to its reference quantized form (see module docstring)."""
+    state = get_state(gm)
+    if state is None or not isinstance(gm, fx.GraphModule):
+        raise ConvertError(f"convert_fx expects the model returned by prepare_fx / prepare_qat_fx, got "
+                           f"{type(gm).__name__} without fxquant's prepare state; call prepare_fx first "
+                           "(a torch.ao-prepared model must be prepared again with fxquant)")
+    from .convert_mapping import float_nodes_for
+
+    float_nodes = float_nodes_for(state, ctx.convert_qconfig_mapping)
+    for path, sub in list(gm.named_children()):
+        if get_state(sub) is not None and getattr(get_state(sub), "is_standalone", False):
+            set_module(gm, path, to_reference(sub, Context(remove_qconfig=ctx.remove_qconfig)))
+    _swap_weighted(gm, state, float_nodes, ctx.keep_original_weights)
+    _replace_all_observers(gm, float_nodes)
+    if ctx.remove_qconfig:
+        _remove_qconfig(gm)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

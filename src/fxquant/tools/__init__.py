@@ -1,0 +1,1 @@
+"""User-facing tools: explain / report, save / load, command line, demo."""
