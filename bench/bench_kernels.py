@@ -3,21 +3,31 @@
     .venv/bin/python bench/bench_kernels.py [--repeats 30] [--only linear,conv,dynamic,weight_only,embedding]
 
 Prints one line per (op, shape): the fp32 time and each int8 candidate's time as a speedup (fp32 / candidate;
-> 1 means int8 is faster). Figures are noisy on a shared machine; the rule in fxquant/kernels/x86.py is drawn
-from them. Inputs use the reduce-range activation range (0..127) so that onednn's u8*s8 kernel is exact on
-CPUs without VNNI (see x86.py).
+> 1 means int8 is faster). Linear / conv / embedding go through the fxquant modules with each kernel forced;
+"(0..127)" is reduce-range input (onednn exact without VNNI), "(0..255)" full-range input. Figures are noisy on a
+shared machine; the rules in fxquant/kernels/x86.py are drawn from them.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import fxquant.nn.quantized as Q
+import fxquant.nn.quantized.reference as R
+from fxquant.nn.quantized import conv as conv_mod
+from fxquant.nn.quantized import linear as linear_mod
 
 ONEDNN = torch.ops.onednn
+QUINT4X2 = getattr(torch, "quint4x2")  # torch.ao's name for 4-bit rows (normalised by fxquant)
 
 
 def median_us(fn: Callable[[], object], repeats: int) -> float:
@@ -31,6 +41,24 @@ def median_us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def compare_us(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median times of several candidates measured in interleaved rounds, so machine load hits all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
+
+
+def report_all(op: str, shape: str, times: dict[str, float]) -> None:
+    fp32 = times.pop("fp32")
+    report(op, shape, fp32, times)
+
+
 def report(op: str, shape: str, fp32_us: float, candidates: dict[str, float]) -> None:
     parts = "  ".join(f"{name} {fp32_us / us:5.2f}x" for name, us in candidates.items())
     print(f"{op:12s} {shape:28s} fp32 {fp32_us:9.1f} us   {parts}", flush=True)
@@ -40,25 +68,27 @@ def _qweight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01 + 1e-3
 
 
+def _linear_module(k: int, n: int, input_qmax: int, post_op: str = "none") -> Any:
+    ref = R.Linear.from_float(nn.Linear(k, n), {"qscheme": torch.per_channel_affine, "dtype": torch.int8,
+                                                 "scale": torch.rand(n) * 0.01 + 1e-3,
+                                                 "zero_point": torch.zeros(n, dtype=torch.long), "axis": 0})
+    return Q.Linear.from_reference(ref, 0.02, input_qmax // 2, 0.05, 64, post_op=post_op,
+                                   input_quant_max=input_qmax)
+
+
 def bench_linear(repeats: int) -> None:
+    """Static linear through fxquant.nn.quantized.Linear with each kernel forced (uint8 in -> uint8 out)."""
     for m, k, n in [(1, 512, 512), (4, 512, 512), (16, 512, 512), (64, 512, 512), (128, 768, 768),
                     (128, 768, 3072), (512, 1024, 1024)]:
-        x, w = torch.randn(m, k), torch.randn(n, k)
-        qw, ws = _qweight(n, k)
-        qx = torch.randint(0, 128, (m, k), dtype=torch.uint8)
-        packed = ONEDNN.qlinear_prepack(qw, [m, k])
-        wzp, bias = torch.zeros(n, dtype=torch.long), torch.randn(n)
-        wf = qw.float() * ws[:, None]
-        fp32 = median_us(lambda: F.linear(x, w, bias), repeats)
-        cands = {
-            "onednn_u8": median_us(lambda: ONEDNN.qlinear_pointwise(qx, 0.02, 64, packed, ws, wzp, bias, 0.05, 64,
-                                                                    None, "none", [], ""), repeats),
-            "onednn_f32": median_us(lambda: ONEDNN.qlinear_pointwise(qx, 0.02, 64, packed, ws, wzp, bias, 1.0, 0,
-                                                                     torch.float32, "none", [], ""), repeats),
-            "fallback": median_us(lambda: ((F.linear((qx.float() - 64) * 0.02, wf, bias) * 20).round() + 64)
-                                  .clamp(0, 255).to(torch.uint8), repeats),
-        }
-        report("linear", f"M={m} K={k} N={n}", fp32, cands)
+        x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+        fns: dict[str, Callable[[], object]] = {"fp32": lambda: F.linear(x, w, bias)}
+        for qmax, kernels in ((127, ("onednn", "float")), (255, ("onednn_split",))):
+            mod = _linear_module(k, n, qmax)
+            qx = torch.randint(0, qmax + 1, (m, k), dtype=torch.uint8)
+            for kernel in kernels:
+                fn = linear_mod._STATIC_KERNELS[kernel]
+                fns[f"{kernel}(0..{qmax})"] = functools.partial(fn, mod, qx, None, mod._act)
+        report_all("linear", f"M={m} K={k} N={n}", compare_us(fns, repeats))
 
 
 def _dynamic_onednn(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wzp: torch.Tensor,
@@ -94,42 +124,42 @@ def bench_weight_only(repeats: int) -> None:
 
 
 def bench_conv(repeats: int) -> None:
+    """Conv2d through fxquant.nn.quantized.Conv2d with each kernel forced (channels-last uint8 in -> uint8 out)."""
     shapes = [(64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (256, 256, 14, 3, 1), (256, 1024, 14, 1, 1),
               (96, 96, 56, 3, 96)]
     for cin, cout, hw, ks, groups in shapes:
+        conv = nn.Conv2d(cin, cout, ks, padding=ks // 2, groups=groups)
+        ref = R.Conv2d.from_float(conv, {"qscheme": torch.per_channel_affine, "dtype": torch.int8,
+                                         "scale": torch.rand(cout) * 0.01 + 1e-3,
+                                         "zero_point": torch.zeros(cout, dtype=torch.long), "axis": 0})
         x = torch.randn(1, cin, hw, hw)
-        w = torch.randn(cout, cin // groups, ks, ks)
-        qw, ws = torch.randint(-128, 128, w.shape, dtype=torch.int8), torch.rand(cout) * 0.01
-        qx = torch.randint(0, 128, x.shape, dtype=torch.uint8)
-        qx_cl = qx.contiguous(memory_format=torch.channels_last)
-        pad, wzp = ks // 2, torch.zeros(cout, dtype=torch.long)
-        packed = ONEDNN.qconv_prepack(qw, ws, 0.02, 64, [1, 1], [pad, pad], [1, 1], groups, list(x.shape))
         x_cl = x.contiguous(memory_format=torch.channels_last)
-
-        def q(inp: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-            out_scale, out_zp = (0.05, 64) if out_dtype is None else (1.0, 0)  # float output needs scale 1
-            return ONEDNN.qconv_pointwise(inp, 0.02, 64, packed, ws, wzp, None, [1, 1], [pad, pad], [1, 1], groups,
-                                          out_scale, out_zp, out_dtype, "none", [], "")
-        fp32 = median_us(lambda: F.conv2d(x, w, None, 1, pad, 1, groups), repeats)
-        report("conv2d", f"C={cin}->{cout} HW={hw} k={ks} g={groups}", fp32, {
-            "fp32_cl": median_us(lambda: F.conv2d(x_cl, w, None, 1, pad, 1, groups), repeats),
-            "onednn_cl": median_us(lambda: q(qx_cl), repeats),
-            "onednn_nchw": median_us(lambda: q(qx), repeats),
-            "onednn_f32out": median_us(lambda: q(qx_cl, torch.float32), repeats),
-        })
+        fns: dict[str, Callable[[], object]] = {"fp32": lambda: conv(x), "fp32_cl": lambda: conv(x_cl)}
+        for qmax, kernels in ((127, ("onednn", "float")), (255, ("onednn_split",))):
+            mod = Q.Conv2d.from_reference(ref, 0.02, qmax // 2, 0.05, 64, input_quant_max=qmax)
+            qx = torch.randint(0, qmax + 1, x.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+            for kernel in kernels:
+                fns[f"{kernel}(0..{qmax})"] = functools.partial(conv_mod._KERNELS[kernel], mod, qx, None)
+        report_all("conv2d", f"C={cin}->{cout} HW={hw} k={ks} g={groups}", compare_us(fns, repeats))
 
 
 def bench_embedding(repeats: int) -> None:
+    """fxquant.nn.quantized.EmbeddingBag (8-bit and 4-bit rows) against float F.embedding_bag."""
     for rows, dim, batch, bag in [(100_000, 64, 512, 20), (10_000, 256, 128, 10)]:
-        table = torch.randn(rows, dim)
-        q8 = torch.randint(0, 256, (rows, dim), dtype=torch.uint8)
-        scale, zp = torch.rand(rows, 1), torch.rand(rows, 1) * 255
+        float_bag = nn.EmbeddingBag(rows, dim, mode="sum")
         idx = torch.randint(0, rows, (batch, bag))
-        fp32 = median_us(lambda: F.embedding_bag(idx, table, mode="sum"), repeats)
-
-        def int8_bag() -> torch.Tensor:
-            return ((q8[idx].float() - zp[idx]) * scale[idx]).sum(1)
-        report("embed_bag", f"rows={rows} dim={dim} B={batch}x{bag}", fp32, {"uint8_rows": median_us(int8_bag, repeats)})
+        fp32 = median_us(lambda: float_bag(idx), repeats)
+        cands = {}
+        for qmax, name in ((255, "uint8_rows"), (15, "uint4_rows")):
+            w = float_bag.weight.detach()
+            lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
+            scale = (hi - lo) / qmax
+            ref = R.EmbeddingBag.from_float(float_bag, {"qscheme": torch.per_channel_affine_float_qparams,
+                                                        "dtype": torch.uint8 if qmax == 255 else QUINT4X2,
+                                                        "scale": scale, "zero_point": -lo / scale, "axis": 0})
+            mod = Q.EmbeddingBag.from_reference(ref)
+            cands[name] = median_us(lambda: mod(idx), repeats)
+        report("embed_bag", f"rows={rows} dim={dim} B={batch}x{bag}", fp32, cands)
 
 
 BENCHES = {"linear": bench_linear, "dynamic": bench_dynamic, "weight_only": bench_weight_only, "conv": bench_conv,

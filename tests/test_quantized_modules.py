@@ -100,6 +100,13 @@ def test_linear_rules_pick_float_for_single_rows_and_onednn_for_batches() -> Non
     assert x86.choose("linear", x86.Facts(rows=64, **facts)) == ("onednn" if ONEDNN else "float")
     assert x86.choose("linear", x86.Facts(rows=64, compiling=True, **facts)) == "float"
     assert x86.choose("linear", x86.Facts(rows=64, device="cuda", **facts)) == "float"
+    full = dict(onednn_ok=True, input_7bit=False)
+    big, small = x86.Facts(rows=512, macs=2**29, **full), x86.Facts(rows=512, macs=2**20, **full)
+    if ONEDNN and not x86.cpu_has_vnni():
+        assert (x86.choose("linear", big), x86.choose("linear", small)) == ("onednn_split", "float")
+        assert x86.choose("conv", x86.Facts(pointwise=True, **full)) == "onednn_split"
+        assert x86.choose("conv", x86.Facts(pointwise=False, **full)) == "float"
+        assert x86.choose("conv", x86.Facts(input_7bit=True, onednn_ok=True, fused_ok=False)) == "onednn_unfused"
     with pytest.raises(KeyError, match="no kernel rules"):
         x86.choose("softmax", x86.Facts())
 
@@ -163,7 +170,7 @@ def test_conv_kernels_match_reference(name: str, post_op: str, kernel: str) -> N
 
 
 @pytest.mark.parametrize("make, shape", [
-    (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (1, 4, 6, 6)),  # depthwise: float kernel by rule
+    (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (1, 4, 6, 6)),  # depthwise, full-range input
     (lambda: nn.Conv2d(3, 5, 3, padding=2, padding_mode="reflect"), (1, 3, 7, 7)),
     (lambda: nn.Conv2d(3, 5, 3, padding="same"), (1, 3, 6, 6)),
     (lambda: nn.ConvTranspose2d(4, 3, 3, stride=2, output_padding=1), (2, 4, 5, 5)),

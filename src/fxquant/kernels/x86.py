@@ -5,17 +5,20 @@ conditions all hold wins. Each condition is a name from :data:`CONDITIONS` with 
 data. The figures behind them come from ``bench/bench_kernels.py`` (one thread, medians, fp32 in the same run) on
 an AVX2 CPU without VNNI (AMD EPYC, torch 2.13 CPU); ratios are fp32 time / int8 time:
 
-==========================  ======================================================================================
-static linear, M=1          onednn 0.41x, float path 0.49x (K=N=512): onednn's fixed cost dominates -> float
-static linear, M>=4         onednn 1.4-1.6x (K=N=512), 2.0-5x (K,N 768..3072, M 128..512)
-dynamic linear              onednn (with run-time quantization of x) 0.2x at M=1, 0.64x at M=16, 1.15x at M=128
-                            K=N=768, 4.5x at M=128 N=3072 -> onednn from 64 rows
-weight-only linear          dequantize-per-call 0.03-0.4x, aten._weight_int8pack_mm 0.02-0.14x on AVX2
-                            -> a cached dequantized weight (1.0x) unless the CPU has AVX512 (int8pack_mm is
-                            vectorised there)
-conv2d 3x3 / 1x1            onednn channels-last 4.6-9x; NCHW uint8 input 1.3-6x (layout conversion)
-depthwise conv2d            onednn 0.6-0.66x -> float path
-==========================  ======================================================================================
+=========================  =========================================================================================
+static linear, M=1         onednn 0.41-0.55x, float path 0.33-0.49x (K=N=512; torch._int_mm 0.12x): a tie -> float
+static linear, M=4..64     onednn 1.0-1.7x, float path 0.6-0.9x (K=N=512)
+static linear, M>=128      onednn 1.3-5x (K,N 768..3072); full-range input split in two: 0.9-1.4x, float 0.9x
+dynamic linear             onednn incl. run-time quantization: 0.17x (M=1), 0.67x (M=16), 1.16x (M=128,
+                           K=N=768), 2.1-4.5x (M=128, N=3072) -> onednn from 64 rows
+weight-only linear         dequantize per call 0.05-0.4x, aten._weight_int8pack_mm 0.01-0.25x on AVX2 -> cached
+                           dequantized weight (1.0x), int8pack_mm only with AVX512
+conv2d 3x3 / 1x1 (7-bit)   onednn 1.1-9x (channels-last); float path 0.6-1.3x
+conv2d, full-range input   split: 1x1 2.5x, 3x3 0.6-0.9x (float path 0.6-0.9x) -> split only for 1x1 convs
+depthwise conv2d           onednn 0.66-1.26x, float path 0.41x -> onednn
+=========================  =========================================================================================
+
+(1 thread, medians of interleaved rounds; the machine was shared, so ratios moved by up to 2x between runs.)
 
 Exactness: without VNNI, onednn multiplies uint8 by int8 with ``vpmaddubsw``, which saturates pairs of products
 in int16. That is exact only while activations stay in 0..127 (torch.ao's x86 ``reduce_range``). Full-range
@@ -72,6 +75,8 @@ class Facts:
     onednn_ok: bool = False  # the module's dtypes / zero points fit onednn (int8 symmetric weight, uint8 input)
     input_7bit: bool = False  # activations are known to stay in 0..127
     depthwise: bool = False
+    pointwise: bool = False  # 1x1 conv
+    macs: int = 0  # multiply-accumulates of one call
     fused_ok: bool = True  # onednn fuses the module's post-op for this op / rank
     compiling: bool = False  # torch.export / torch.compile tracing: plain aten ops only
 
@@ -82,6 +87,8 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "onednn_ok": lambda f, v: (f.onednn_ok and onednn_available()) == v,
     "exact_u8s8": lambda f, v: (f.input_7bit or cpu_has_vnni()) == v,
     "depthwise": lambda f, v: f.depthwise == v,
+    "pointwise": lambda f, v: f.pointwise == v,
+    "min_macs": lambda f, v: f.macs >= v,
     "fused_ok": lambda f, v: f.fused_ok == v,
     "avx512": lambda f, v: cpu_has_avx512() == v,
     "compiling": lambda f, v: f.compiling == v,
@@ -101,18 +108,18 @@ _EAGER_CPU = {"device": "cpu", "compiling": False, "onednn_ok": True}
 RULES: dict[str, tuple[Rule, ...]] = {
     "linear": (
         Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "exact_u8s8": True}),
-        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 32, "exact_u8s8": False}),
+        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),
     "conv": (
-        Rule("onednn", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": True, "fused_ok": True}),
-        Rule("onednn_unfused", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": True}),
-        Rule("onednn_split", {**_EAGER_CPU, "depthwise": False, "exact_u8s8": False}),
+        Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
+        Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),
+        Rule("onednn_split", {**_EAGER_CPU, "exact_u8s8": False, "pointwise": True}),
         Rule("float"),
     ),
     "linear_dynamic": (
         Rule("onednn", {**_EAGER_CPU, "min_rows": 64, "exact_u8s8": True}),
-        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "exact_u8s8": False}),
+        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),
     "linear_weight_only": (

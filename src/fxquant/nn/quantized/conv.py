@@ -8,8 +8,9 @@ Replaces ``dequantize -> reference conv -> [relu | add (+relu)] -> quantize``::
 
 Kernels (``fxquant.kernels.x86.RULES["conv"]``): onednn ``qconv_pointwise`` (``qconv2d_pointwise.binary`` for
 the fused add) with a lazily prepacked weight, producing channels-last output; the exact split variant for
-full-range uint8 input on CPUs without VNNI; the float path (dequantize -> conv -> quantize) for depthwise
-convs, non-zero ``padding_mode``, string padding, transposed convs, other devices and ``torch.export``.
+full-range uint8 input on CPUs without VNNI (1x1 convs, where it measured faster); the float path
+(dequantize -> conv -> quantize) for other full-range convs,
+non-zero ``padding_mode``, string padding, transposed convs, other devices and ``torch.export``.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class _QuantizedConvNd(QuantizedModuleBase):
         facts = x86.Facts(device=x.device.type, rows=x.shape[0], onednn_ok=self._conv_onednn_ok(),
                           input_7bit=self.input_spec.quant_max <= 127,
                           depthwise=self.groups > 1 and self.groups == self.in_channels,
+                          pointwise=all(k == 1 for k in self.kernel_size),
                           fused_ok=self.post_op in onednn.CONV_FUSED[self._SPATIAL],
                           compiling=torch.compiler.is_compiling())
         return _KERNELS[x86.choose(self._OP, facts)](self, x, self._other(other))

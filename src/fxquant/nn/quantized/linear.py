@@ -55,7 +55,8 @@ class Linear(QuantizedModuleBase):
         return mod
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        facts = x86.Facts(device=x.device.type, rows=x.numel() // max(self.in_features, 1),
+        rows = x.numel() // max(self.in_features, 1)
+        facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
                           onednn_ok=self._onednn_ok(), input_7bit=self.input_spec.quant_max <= 127,
                           compiling=torch.compiler.is_compiling())
         return _STATIC_KERNELS[x86.choose("linear", facts)](self, x, self._other(other), self._act)
@@ -151,7 +152,8 @@ class LinearDynamic(Linear):
         scale, zp = dynamic_qparams(x, self.input_spec, self.granularity)
         spec = self.input_spec
         qx = portable.quantize(x, scale, zp, portable.OutSpec(spec.dtype, spec.quant_min, spec.quant_max))
-        facts = x86.Facts(device=x.device.type, rows=x.numel() // max(self.in_features, 1),
+        rows = x.numel() // max(self.in_features, 1)
+        facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
                           onednn_ok=self._onednn_ok() and self.granularity == "per_tensor",
                           input_7bit=spec.quant_max <= 127, compiling=torch.compiler.is_compiling())
         kernel = x86.choose("linear_dynamic", facts)
