@@ -41,7 +41,6 @@ _GRANULARITY = {
 }
 # symmetric schemes store the same integers as affine ones (torch.ao's get_qparam_dict does this mapping too)
 _CANONICAL = {"per_tensor_symmetric": "per_tensor_affine", "per_channel_symmetric": "per_channel_affine"}
-_QUINT4X2 = "torch.quint4x2"
 
 
 @dataclasses.dataclass(frozen=True)
