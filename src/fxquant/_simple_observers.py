@@ -26,7 +26,7 @@ class FixedQParamsObserver(ObserverBase):
         dtype, qscheme, quant_min, quant_max: default uint8, per_tensor_affine, 0, 255.
         is_dynamic: not supported (ValueError).
 
-    Buffers: ``scale`` (float32, shape (1,)) and ``zero_point`` (int64, shape (1,)).
+    Buffers: ``scale`` (float32, shape (1,)) and ``zero_point`` (int32, shape (1,)), dtypes as torch.ao.
     """
 
     scale: torch.Tensor
@@ -51,7 +51,7 @@ class FixedQParamsObserver(ObserverBase):
         self.quant_min, self.quant_max = int(quant_min), int(quant_max)
         self.qscheme = qscheme
         self.register_buffer("scale", torch.tensor([scale], dtype=torch.float32))
-        self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int64))
+        self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity."""
