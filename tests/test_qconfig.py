@@ -181,6 +181,9 @@ def test_qconfig_on_module_device_builds_on_the_module_device():
     keep = qc.QConfig(nn.Identity, obs.PlaceholderObserver)  # no factory_kwargs: kept as is
     assert qc.qconfig_on_module_device(keep, lin) == keep
     assert qc.qconfig_on_module_device(None, lin) is None and qc.qconfig_on_module_device(keep, None) is keep
+    again = pickle.loads(pickle.dumps(q))  # no closures: prepared models holding it still pickle
+    assert again.activation().min_val.device == torch.device("cpu")
+    assert qc.qconfig_on_module_device(qc.default_qconfig, nn.ReLU()).activation().min_val.device.type == "cpu"
 
 
 def test_qconfig_dict_helpers_are_deprecated(fake_quantize):

@@ -184,6 +184,11 @@ def test_default_mapping_bad_backend():
         get_default_qconfig_mapping("tpu")
 
 
-def test_default_mapping_dict_round_trip():
-    m = get_default_qconfig_mapping("fbgemm")
-    assert QConfigMapping.from_dict(m.to_dict()).to_dict() == m.to_dict()
+def test_default_mapping_dict_round_trip_pickle_and_deepcopy(fake_quantize):
+    import copy
+    import pickle
+    for m in (get_default_qconfig_mapping("fbgemm"), get_default_qat_qconfig_mapping("x86")):
+        assert QConfigMapping.from_dict(m.to_dict()).to_dict() == m.to_dict()
+        for again in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            assert list(again.object_type_qconfigs) == list(m.object_type_qconfigs)
+            assert all(qc.qconfig_equals(again.object_type_qconfigs[k], q) for k, q in m.object_type_qconfigs.items())

@@ -302,6 +302,17 @@ def activation_is_memoryless(qconfig: QConfig) -> bool:
 _activation_is_memoryless = activation_is_memoryless
 
 
+class _ModuleDevice:
+    """Picklable zero-argument callable: ``{"device": <module's device>}``, or None for a module without tensors."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> Optional[dict[str, torch.device]]:
+        devices = {t.device for t in self.module.parameters()} | {t.device for t in self.module.buffers()}
+        return {"device": min(devices, key=str)} if devices else None
+
+
 def qconfig_on_module_device(qconfig: QConfigAny, module: Optional[torch.nn.Module]) -> QConfigAny:
     """``qconfig`` with constructors that build observers on ``module``'s device (via ``factory_kwargs``).
 
@@ -310,10 +321,7 @@ def qconfig_on_module_device(qconfig: QConfigAny, module: Optional[torch.nn.Modu
     """
     if module is None or qconfig is None or not isinstance(qconfig, QConfig):
         return qconfig
-
-    def device_kwargs() -> Optional[dict[str, torch.device]]:
-        devices = {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
-        return {"device": min(devices, key=str)} if devices else None
+    device_kwargs = _ModuleDevice(module)
 
     def on_device(ctor: Any) -> Any:
         try:
