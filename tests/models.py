@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -731,6 +732,16 @@ class ModelSpec:
             if r.name == name:
                 return r
         raise KeyError(f"{self.name} has no recipe {name!r}; it has {[r.name for r in self.recipes]}")
+
+    def trace(self, model: nn.Module) -> torch.fx.GraphModule:
+        """``torch.fx`` trace of ``model`` keeping ``leaf_modules`` as leaves (plain symbolic_trace when none)."""
+        leaves = set(self.leaf_modules)
+
+        class _Tracer(torch.fx.Tracer):
+            def is_leaf_module(self, m, qualname):
+                return qualname in leaves or super().is_leaf_module(m, qualname)
+
+        return torch.fx.GraphModule(model, _Tracer().trace(model))
 
     def calibration_data(self, n_batches: int = 4, seed: int = 1) -> list[tuple]:
         """``n_batches`` input tuples shaped like the example inputs, drawn from ``seed`` (deterministic)."""

@@ -32,20 +32,6 @@ def _float_out(model, inputs):
         return model(*inputs)
 
 
-class _LeafTracer(torch.fx.Tracer):
-    def __init__(self, leaves):
-        super().__init__()
-        self.leaves = set(leaves)
-
-    def is_leaf_module(self, m, qualname):
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def _trace(spec, model):
-    tracer = _LeafTracer(spec.leaf_modules)
-    return torch.fx.GraphModule(model, tracer.trace(model))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the zoo
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,7 +100,7 @@ FEATURES = {
 def test_traced_graph_holds_the_advertised_ops(name):
     spec = MODELS[name]
     model, _ = spec.factory()
-    counts = node_count_dict(_trace(spec, model))
+    counts = node_count_dict(spec.trace(model))
     missing = FEATURES[name] - {k for k, v in counts.items() if v > 0}
     assert not missing, f"{name} lacks {missing}; has {counts}"
 
@@ -139,7 +125,7 @@ def test_symbolic_traceability_is_as_declared(name):
     else:
         with pytest.raises((torch.fx.proxy.TraceError, RuntimeError, TypeError)):
             torch.fx.symbolic_trace(model)
-        gm = _trace(spec, model)
+        gm = spec.trace(model)
     for batch in [example] + spec.calibration_data(2):
         assert_bit_identical(_float_out(gm, batch), _float_out(model, batch))
 
