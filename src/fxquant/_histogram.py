@@ -27,9 +27,10 @@ from fxquant._dtypes import normalize_dtype
 from fxquant._observer_base import _EPS, UniformQuantizationObserverBase
 from fxquant.qparams import is_per_tensor
 
-__all__ = ["HistogramObserver", "merge_histograms", "l2_clip_bins", "UPSAMPLE_RATE"]
+__all__ = ["HistogramObserver", "histc", "merge_histograms", "l2_clip_bins", "UPSAMPLE_RATE"]
 
 UPSAMPLE_RATE = 16
+_OWN_BINNING_MAX_THREADS = 2  # torch.histc runs in parallel; bincount does not
 _STEP = 1e-5          # quantile granularity of the walk
 _WALK_LEN = 100_010   # alpha + beta steps never exceed 1 / _STEP (+ rounding slack)
 
@@ -45,6 +46,26 @@ def _spread(hist: torch.Tensor, old_min: torch.Tensor, old_max: torch.Tensor, ne
     edges = torch.linspace(new_min, new_max, bins + 1, device=new_min.device).to(hist.device)
     target = (torch.bucketize(centres, edges, right=True) - 1).clamp_(0, bins - 1)
     return torch.bincount(target, weights=fine, minlength=bins)
+
+
+def histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
+    """``torch.histc(x, bins, lo, hi)`` for finite float32 ``x`` inside [lo, hi], bit for bit.
+
+    torch's CPU kernel bins ``pos = int((x - left) * bins / (right - left))`` in float32 (``left, right`` =
+    ``lo, hi``, or ``lo - 1, hi + 1`` when they are equal; ``pos == bins`` goes to the last bin) and counts in
+    float32. On CPU with one or two threads the same float32 expression plus ``bincount`` is about twice as fast;
+    counts agree as long as no bin exceeds 2**24 (beyond that torch's float32 counter stops counting and fxquant
+    counts on). Elsewhere this calls ``torch.histc``.
+    """
+    if x.device.type != "cpu" or torch.get_num_threads() > _OWN_BINNING_MAX_THREADS or bins >= 2**24:
+        return torch.histc(x, bins, min=lo, max=hi)
+    left, right = (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
+    left32, right32 = np.float32(left), np.float32(right)
+    if left32 == right32:  # a huge constant: +-1 vanishes in float32; leave torch's own rule to torch
+        return torch.histc(x, bins, min=lo, max=hi)
+    pos = (x - float(left32)).mul_(float(bins)).div_(float(right32 - left32))
+    index = pos.to(torch.int32).clamp_(max=bins - 1).reshape(-1)
+    return torch.bincount(index, minlength=bins).to(torch.float32)
 
 
 def merge_histograms(old_hist: torch.Tensor, old_min: torch.Tensor, old_max: torch.Tensor,
@@ -218,15 +239,15 @@ class HistogramObserver(UniformQuantizationObserverBase):
             return x_orig
         x = x_orig.detach()
         x = x if x.dtype == torch.float32 else x.float()
-        found = self._aminmax(x)
+        found = self._finite_data(x)
         if found is None:
             return x_orig
-        lo, hi = found  # histc skips NaN and values outside [lo, hi], so +-inf need no filtering here
+        x, lo, hi = found
         if bool(self.min_val == float("inf")) or bool(self.max_val == float("-inf")):
-            self._set(torch.histc(x, self.bins, min=float(lo), max=float(hi)), lo, hi)
+            self._set(histc(x, self.bins, float(lo), float(hi)), lo, hi)
             return x_orig
         new_lo, new_hi = torch.min(self.min_val, lo).detach(), torch.max(self.max_val, hi).detach()
-        batch = torch.histc(x, self.bins, min=float(new_lo), max=float(new_hi)).to(self.histogram.device)
+        batch = histc(x, self.bins, float(new_lo), float(new_hi)).to(self.histogram.device)
         merged = merge_histograms(self.histogram, self.min_val, self.max_val, batch, new_lo, new_hi)
         self._set(merged, new_lo, new_hi)
         return x_orig

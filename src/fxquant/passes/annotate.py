@@ -22,6 +22,7 @@ from ..backend_config.matching import find_dtype_config
 from ..pipeline import Context, register_pass
 from .assign_qconfig import QCONFIG_KEY
 from .common import backend_config_of
+from ..vocab import node_key, op_key
 from .match import Match, PatternIndex, find_matches
 
 __all__ = ["annotate", "spec_of"]
@@ -65,10 +66,20 @@ def _observation_type(cfg: Any, root: fx.Node) -> ObservationType:
     return cfg.observation_type
 
 
-def _roles(cfg: Any, root: fx.Node) -> tuple[str, ...]:
+def _roles(index: dict[str, int], root: fx.Node) -> tuple[str, ...]:
     """Which parts of a dtype config to check: weight/bias only for functional ops with weight arguments."""
-    has_weight = root.op == "call_function" and "weight" in (getattr(cfg, "_input_type_to_index", None) or {})
+    has_weight = root.op == "call_function" and "weight" in index
     return ("input", "output", "weight", "bias") if has_weight else ("input", "output")
+
+
+def weight_indexes(configs: list[Any]) -> dict[Any, dict[str, int]]:
+    """op key -> {"weight": i, "bias": j} of single-op patterns (a fused pattern uses its root op's entry)."""
+    out: dict[Any, dict[str, int]] = {}
+    for cfg in configs:
+        index = getattr(cfg, "_input_type_to_index", None)
+        if index and not isinstance(cfg.pattern, tuple) and cfg.pattern is not None:
+            out.setdefault(op_key(cfg.pattern), dict(index))
+    return out
 
 
 def _float(reason: str, qconfig: Any = None, m: Optional[Match] = None) -> NodeAnnotation:
@@ -76,14 +87,14 @@ def _float(reason: str, qconfig: Any = None, m: Optional[Match] = None) -> NodeA
                           reason=reason)
 
 
-def _annotate_match(m: Match, ctx: Context) -> None:
+def _annotate_match(m: Match, ctx: Context, index: dict[str, int]) -> None:
     qconfig = m.last.meta.get(QCONFIG_KEY)
     if qconfig is None:
         reason = "qconfig is None (the QConfigMapping leaves it in float)"
         for n in m.nodes:
             set_annotation(n, _float(reason, None, m))
         return
-    dc, reasons = find_dtype_config(qconfig, m.config.dtype_configs, ctx.is_qat, roles=_roles(m.config, m.root),
+    dc, reasons = find_dtype_config(qconfig, m.config.dtype_configs, ctx.is_qat, roles=_roles(index, m.root),
                                     warn=True)
     if dc is None:
         reason = "the backend does not support this qconfig here: " + "; ".join(reasons)
@@ -93,7 +104,6 @@ def _annotate_match(m: Match, ctx: Context) -> None:
     obs_type = _observation_type(m.config, m.root)
     act = spec_of(qconfig.activation)
     observed = obs_type != ObservationType.INPUT_OUTPUT_NOT_OBSERVED
-    index = getattr(m.config, "_input_type_to_index", None) or {}
     for n in m.nodes:
         out_spec = act if (observed and not act.is_dynamic and is_float_tensor(n)) else FLOAT
         set_annotation(n, NodeAnnotation(
@@ -126,11 +136,13 @@ def annotate(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     modules = ctx.modules(gm)
     skip = {n for n in gm.graph.nodes if n.meta.get("fxquant_special")}
     matches = find_matches(gm.graph, PatternIndex(backend.configs), modules, skip)
+    indexes = weight_indexes(backend.configs)
     seen: set[int] = set()
     for m in matches.values():
         if id(m) not in seen:
             seen.add(id(m))
-            _annotate_match(m, ctx)
+            index = indexes.get(node_key(m.root, modules), {}) if m.root.op == "call_function" else {}
+            _annotate_match(m, ctx, index)
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method") and node not in matches \
                 and "fxquant_special" not in node.meta:

@@ -36,7 +36,7 @@ def _is_library_module(m: nn.Module) -> bool:
 class QuantizationTracer(fx.Tracer):
     """A tracer that keeps torch.nn / fxquant modules and user-listed modules as leaves and records scopes."""
 
-    def __init__(self, skipped_names: list[str], skipped_classes: list[type]):
+    def __init__(self, skipped_names: tuple[str, ...] | list[str] = (), skipped_classes: tuple[type, ...] | list[type] = ()):
         super().__init__()
         self.skipped_names = set(skipped_names)
         self.skipped_classes = tuple(skipped_classes)
