@@ -58,13 +58,18 @@ class _NonFiniteFilter:
             self._warned_nonfinite = True
         return x[torch.isfinite(x)]
 
-    def _aminmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """min and max of the finite values of ``x``; None when it has none."""
+    def _finite_data(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(finite values of x, their min, their max)``; ``x`` itself when all are finite; None if none are."""
         lo, hi = torch.aminmax(x)
         if bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            return lo, hi
+            return x, lo, hi
         x = self._finite(x)
-        return torch.aminmax(x) if x.numel() else None
+        return (x, *torch.aminmax(x)) if x.numel() else None
+
+    def _aminmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """min and max of the finite values of ``x``; None when it has none."""
+        found = self._finite_data(x)
+        return None if found is None else (found[1], found[2])
 
     def _aminmax_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row min / max of the finite values; a row without any gives (+inf, -inf)."""
