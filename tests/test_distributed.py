@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from fxquant import fake_quantize as FQ
 from fxquant import observer as O
 from fxquant.distributed import (ObserverSync, ObserverSyncError, observers_in_sync, register_observer_sync,
                                  sync_observers)
@@ -55,6 +56,7 @@ class Observed(nn.Module):
         self.hist = O.HistogramObserver(bins=256, reduce_range=True)
         self.placeholder = O.PlaceholderObserver(dtype=torch.float16)
         self.fake = ToyFakeQuant()
+        self.fq = FQ.FakeQuantize()  # moving-average observer inside
 
     def forward(self, x):
         self.minmax(x)
@@ -63,6 +65,7 @@ class Observed(nn.Module):
         self.moving_pc(x)
         self.hist(x)
         self.fake(x)
+        self.fq(x)
         return self.linear(x)
 
 
@@ -115,13 +118,15 @@ def _scenario_union(rank: int, out: dict) -> None:
     for x in _all_shards(batches, shift=0.5):
         reference(x)
     locals_ = {name: copy.deepcopy(getattr(model, name)) for name in ("moving", "moving_pc")}
-    assert sync_observers(model) == 6  # placeholder skipped; the fake quant's inner observer counted
+    assert sync_observers(model) == 7  # placeholder skipped; the fake quants' inner observers counted
     for name in ("minmax", "per_channel"):
         got, want = getattr(model, name), getattr(reference, name)
         assert torch.equal(got.min_val, want.min_val) and torch.equal(got.max_val, want.max_val), name
         assert _qparams(got) == _qparams(want), name
     assert torch.equal(model.fake.scale, reference.fake.scale)
     assert torch.equal(model.fake.zero_point, reference.fake.zero_point)
+    scale, zero_point = model.fq.activation_post_process.calculate_qparams()  # refreshed from the synced observer
+    assert torch.equal(model.fq.scale, scale) and torch.equal(model.fq.zero_point, zero_point.to(torch.int32))
     # moving averages: the mean of the ranks' own averages (gathered to check)
     for name, local in locals_.items():
         gathered = [torch.empty_like(local.min_val) for _ in range(WORLD)]
