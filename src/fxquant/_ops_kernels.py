@@ -157,7 +157,7 @@ def fake_quantize_per_tensor(input: Tensor, scale: Scale, zero_point: ZeroPoint,
     op = "fxquant.fake_quantize_per_tensor"
     chk.check_fake_quant_range(op, input, quant_min, quant_max)
     s, z = _per_tensor_qparams(op, scale, zero_point, quant_min, quant_max, True)
-    return qm.fake_quantize(input, s, z, quant_min, quant_max, product_in_float32=True)
+    return qm.fake_quantize(input, s, z, quant_min, quant_max, per_tensor=True)
 
 
 def fake_quantize_per_channel(input: Tensor, scales: Tensor, zero_points: Tensor, axis: int, quant_min: int,
@@ -165,7 +165,10 @@ def fake_quantize_per_channel(input: Tensor, scales: Tensor, zero_points: Tensor
     op = "fxquant.fake_quantize_per_channel"
     chk.check_fake_quant_range(op, input, quant_min, quant_max)
     s, z = _grouped_qparams(op, input, scales, zero_points, axis, quant_min, quant_max, True)
-    return qm.fake_quantize(input, s, z, quant_min, quant_max, product_in_float32=False)
+    if z.is_floating_point() and input.dtype == torch.float64:
+        raise ValueError(f"{op}: float zero points need a float32 / float16 / bfloat16 input, got float64 "
+                         f"(torch rounds such inputs through float32); convert the input with .float()")
+    return qm.fake_quantize(input, s, z, quant_min, quant_max, per_tensor=False)
 
 
 def fake_quant_backward_mask(name: str, inputs: tuple) -> Tensor:
@@ -173,11 +176,11 @@ def fake_quant_backward_mask(name: str, inputs: tuple) -> Tensor:
     if name == "fake_quantize_per_channel":
         x, scales, zero_points, axis, qmin, qmax = inputs
         shape = _group_shape("fxquant." + name, x, scales, zero_points, axis)
-        return qm.fake_quantize_mask(x, scales.reshape(shape), zero_points.reshape(shape), qmin, qmax)
+        return qm.fake_quantize_mask(x, scales.reshape(shape), zero_points.reshape(shape), qmin, qmax, False)
     x, scale, zero_point, qmin, qmax = inputs
     s = float(scale.item()) if isinstance(scale, Tensor) else scale
     z = int(zero_point.item()) if isinstance(zero_point, Tensor) else zero_point
-    return qm.fake_quantize_mask(x, s, z, qmin, qmax)
+    return qm.fake_quantize_mask(x, s, z, qmin, qmax, True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -166,33 +166,43 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def fake_round(x: Tensor, scale: Number, zp: Number) -> Tensor:
-    """Unclamped integer grid value of torch's fake quantization (float tensor; see the module table)."""
+    """Unclamped grid value of torch's fake quantization: ``RN(rint(x * inv) + zp)`` in the compute dtype.
+
+    The compute dtype is float32 (float64 for float64 inputs). Float zero points (embeddings) use one FMA in
+    float32 instead: ``rint(RN32(x * inv + zp))``.
+    """
     inv = reciprocal_f32(scale)
-    if isinstance(zp, Tensor) and zp.is_floating_point():  # float qparams (embeddings): an FMA in float32
+    if isinstance(zp, Tensor) and zp.is_floating_point():
         return fused_round(x.to(torch.float32), inv, zp.to(torch.float32))
     return shift_round(x.to(_compute_dtype(x)), inv, zp)
 
 
-def fake_quantize_mask(x: Tensor, scale: Number, zp: Number, quant_min: int, quant_max: int) -> Tensor:
-    """Where the straight-through gradient passes: the rounded value lies in ``[quant_min, quant_max]``."""
+def fake_quantize_mask(x: Tensor, scale: Number, zp: Number, quant_min: int, quant_max: int,
+                       per_tensor: bool) -> Tensor:
+    """Where the straight-through gradient passes: the grid value lies in ``[quant_min, quant_max]``.
+
+    torch compares per tensor against the bounds converted to the compute dtype, per channel exactly.
+    """
     q = fake_round(x, scale, zp)
+    if per_tensor:
+        return (q >= quant_min) & (q <= quant_max)
+    q = q.to(torch.float64)
     return (q >= quant_min) & (q <= quant_max)
 
 
-def fake_quantize(x: Tensor, scale: Number, zp: Number, quant_min: int, quant_max: int,
-                  product_in_float32: bool) -> Tensor:
-    """torch's fake quantization ``(clamp(round(x / scale) + zp) - zp) * scale``, in ``x``'s dtype.
+def fake_quantize(x: Tensor, scale: Number, zp: Number, quant_min: int, quant_max: int, per_tensor: bool) -> Tensor:
+    """torch's fake quantization ``(clamp(round(x / scale) + zp) - zp) * scale`` in ``x``'s dtype.
 
-    fp16 / bf16 inputs compute in float32. The last product is float32 per tensor (``product_in_float32``) and
-    the compute dtype per channel, as in torch (they differ for float64 inputs only); with float zero points torch
-    evaluates ``(q - zp) * scale`` in float64. NaN maps to ``quant_min``, +inf (or an overflowing ``x / scale``)
-    to ``quant_max``.
+    The grid value is clamped and ``- zp`` subtracted exactly; the product with the scale is float32 per tensor
+    and float64 per channel, rounded once more to ``x``'s dtype (as torch's kernels do). NaN maps to
+    ``quant_min``; +inf, or an ``x / scale`` beyond int64, saturates to ``quant_max`` (torch's per-channel kernel
+    wraps such values to ``quant_min``).
     """
-    q = torch.nan_to_num_(fake_round(x, scale, zp), nan=float(quant_min)).clamp_(quant_min, quant_max)
-    if isinstance(zp, Tensor) and zp.is_floating_point():
-        out = (q.to(torch.float64) - zp.to(torch.float64)) * scale.to(torch.float64)
+    q = fake_round(x, scale, zp).to(torch.float64)
+    q = torch.nan_to_num_(q, nan=float(quant_min)).clamp_(quant_min, quant_max)
+    diff = q - (zp.to(torch.float64) if isinstance(zp, Tensor) else float(zp))
+    if per_tensor:
+        out = diff.to(torch.float32) * (scale.to(torch.float32) if isinstance(scale, Tensor) else f32(scale))
     else:
-        pd = torch.float32 if product_in_float32 else q.dtype
-        zp = zp.to(q.dtype) if isinstance(zp, Tensor) else zp
-        out = (q - zp).to(pd) * (scale.to(pd) if isinstance(scale, Tensor) else scale)
+        out = diff * (scale.to(torch.float64) if isinstance(scale, Tensor) else f32(scale))
     return out.to(x.dtype)
