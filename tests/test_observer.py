@@ -377,3 +377,15 @@ def test_own_binning_equals_torch_histc(values, bins, widen, edges):
     if edges:  # values exactly on (float32-rounded) bin edges
         x = torch.cat([x, torch.linspace(lo, hi, bins + 1)])
     assert torch.equal(histc(x, bins, lo, hi), torch.histc(x, bins, min=lo, max=hi))
+
+
+@pytest.mark.parametrize("values,bins", [([-3e38, 3e38, 0.0, 1e38], 7), ([-3e38, 3e38, 0.0], 2048),
+                                         ([0.0, 1e38, 3e38], 7), ([0.0, 1e30, 3e34], 2048), ([2.0**25] * 3, 5),
+                                         ([1e-44, 3e-44, 0.0], 2048), ([5.0, 5.0], 1)])
+def test_own_binning_at_float32_extremes(values, bins):
+    from fxquant._histogram import histc
+    x = torch.tensor(values, dtype=torch.float32)
+    lo, hi = x.min().item(), x.max().item()
+    assert torch.equal(histc(x, bins, lo, hi), torch.histc(x, bins, min=lo, max=hi))
+    strided = torch.stack([x, x], dim=1)[:, 0]  # a non-contiguous view of the same values
+    assert torch.equal(histc(strided, bins, lo, hi), torch.histc(x, bins, min=lo, max=hi))

@@ -61,11 +61,19 @@ def histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
         return torch.histc(x, bins, min=lo, max=hi)
     left, right = (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
     left32, right32 = np.float32(left), np.float32(right)
-    if left32 == right32:  # a huge constant: +-1 vanishes in float32; leave torch's own rule to torch
-        return torch.histc(x, bins, min=lo, max=hi)
-    pos = (x - float(left32)).mul_(float(bins)).div_(float(right32 - left32))
-    index = pos.to(torch.int32).clamp_(max=bins - 1).reshape(-1)
-    return torch.bincount(index, minlength=bins).to(torch.float32)
+    with np.errstate(over="ignore"):
+        width = right32 - left32
+        overflows = not np.isfinite(width * np.float32(bins))
+    if left32 == right32 or overflows:  # a huge constant (+-1 vanishes) or a range near float32's limits:
+        return torch.histc(x, bins, min=lo, max=hi)  # torch's float32 arithmetic breaks down; keep its answer
+    pos = x - float(left32)
+    if bins & (bins - 1) == 0 and np.isfinite(width) and width / bins >= np.finfo(np.float32).tiny:
+        pos.div_(float(width / np.float32(bins)))  # a * 2**k / w == a / (w / 2**k): one pass fewer, same bits
+    else:
+        pos.mul_(float(bins)).div_(float(width))
+    counts = torch.bincount(pos.to(torch.int32).reshape(-1), minlength=bins + 1)  # any layout of x
+    counts[bins - 1] += counts[bins]  # pos == bins (x == right) belongs to the last bin
+    return counts[:bins].to(torch.float32)
 
 
 def merge_histograms(old_hist: torch.Tensor, old_min: torch.Tensor, old_max: torch.Tensor,
