@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from fxquant import ops
 from fxquant._fake_quantize_base import (FakeQuantizeBase, disable_fake_quant, disable_observer, enable_fake_quant,
                                          enable_observer)
 from fxquant.observer import (FixedQParamsObserver, HistogramObserver, MovingAverageMinMaxObserver,
@@ -42,7 +43,6 @@ __all__ = [
 def fake_quantize_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ch_axis: int | None,
                          quant_min: int, quant_max: int) -> torch.Tensor:
     """Per-tensor (``ch_axis=None``) or per-channel fake quantization through :mod:`fxquant.ops`."""
-    from fxquant import ops
     if ch_axis is None:
         return ops.fake_quantize_per_tensor(x, scale, zero_point, quant_min, quant_max)
     return ops.fake_quantize_per_channel(x, scale, zero_point, ch_axis, quant_min, quant_max)
