@@ -51,11 +51,14 @@ class _NonFiniteFilter:
 
     _warned_nonfinite = False
 
-    def _finite(self, x: torch.Tensor) -> torch.Tensor:
+    def _warn_nonfinite(self) -> None:
         if not getattr(self, "_warned_nonfinite", False):
             warnings.warn(f"{type(self).__name__}: NaN or infinite values in the observed tensor are ignored "
-                          f"(warned once per observer)", RuntimeWarning, stacklevel=4)
+                          f"(warned once per observer)", RuntimeWarning, stacklevel=5)
             self._warned_nonfinite = True
+
+    def _finite(self, x: torch.Tensor) -> torch.Tensor:
+        self._warn_nonfinite()
         return x[torch.isfinite(x)]
 
     def _finite_data(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -76,7 +79,7 @@ class _NonFiniteFilter:
         lo, hi = torch.aminmax(rows, dim=1)
         if bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
             return lo, hi
-        self._finite(rows[:0])
+        self._warn_nonfinite()
         ok = torch.isfinite(rows)
         return (torch.where(ok, rows, float("inf")).amin(dim=1),
                 torch.where(ok, rows, float("-inf")).amax(dim=1))
