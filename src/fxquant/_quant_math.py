@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Number", "f32", "reciprocal_f32", "exact_sum_f32", "fused_round", "split_round", "shift_round",
-           "to_integer", "float_bounds", "quantize_float", "dequantize_int", "dequantize_float", "fake_round",
+           "to_integer", "float_bounds", "INT64_MIN", "INT64_MAX", "quantize_float", "dequantize_int", "dequantize_float", "fake_round",
            "fake_quantize_mask", "fake_quantize"]
 
 Number = Union[float, int, Tensor]
@@ -129,10 +129,18 @@ def to_integer(v: Tensor, quant_min: int, quant_max: int, nan_fill: int, dtype: 
     return torch.nan_to_num_(v, nan=float(nan_fill)).clamp_(quant_min, quant_max).to(dtype)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def float_bounds(dtype: torch.dtype, quant_min: int, quant_max: int) -> tuple[float, float]:
-    """Clamp range of a float target: the dtype's finite range intersected with ``[quant_min, quant_max]``."""
+    """Clamp range of a float target: the dtype's finite range intersected with ``[quant_min, quant_max]``.
+
+    The int64 extremes mean "no bound" (bfloat16's range exceeds int64).
+    """
     info = torch.finfo(dtype)
-    return max(float(info.min), float(quant_min)), min(float(info.max), float(quant_max))
+    lo = float(info.min) if quant_min <= INT64_MIN else max(float(info.min), float(quant_min))
+    hi = float(info.max) if quant_max >= INT64_MAX else min(float(info.max), float(quant_max))
+    return lo, hi
 
 
 def quantize_float(x: Tensor, scale: Number, quant_min: int, quant_max: int, dtype: torch.dtype) -> Tensor:

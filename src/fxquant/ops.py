@@ -42,6 +42,7 @@ from torch import Tensor
 
 from . import _ops_kernels as kernels
 from ._dtypes import normalize_dtype
+from ._quant_math import INT64_MAX, INT64_MIN
 from ._ops_checks import FLOAT_QDTYPES, INT_QDTYPES
 
 __all__ = ["quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel",
@@ -117,10 +118,10 @@ def _plain(dtype: torch.dtype) -> torch.dtype:
 
 
 def _qrange(dtype: torch.dtype, quant_min: Optional[int], quant_max: Optional[int]) -> tuple[int, int]:
-    """Explicit bounds, or the dtype's full range for ``None`` (float targets: no bound beyond the finite range)."""
+    """Explicit bounds, or the dtype's full range for ``None`` (float targets: the int64 extremes, "no bound")."""
     if quant_min is not None and quant_max is not None:
         return int(quant_min), int(quant_max)
-    lo, hi = INT_QDTYPES.get(dtype, (-(2**63), 2**63 - 1))
+    lo, hi = INT_QDTYPES.get(dtype, (INT64_MIN, INT64_MAX))
     return int(lo if quant_min is None else quant_min), int(hi if quant_max is None else quant_max)
 
 
