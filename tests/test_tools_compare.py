@@ -1,0 +1,172 @@
+"""fxquant.tools.compare: per-layer SQNR of a quantized model against its float model, worst first."""
+from __future__ import annotations
+
+import base64
+import copy
+import math
+import re
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+from fxquant.tools._capture import sqnr
+from fxquant.tools.compare import CompareReport, compare
+from models import MODELS
+
+BAD_LAYER = "layer2.0.conv2"  # conv2 of the first block of stage 2 (BN folded into it)
+
+
+def _quantize(name: str, mapping=None, convert=convert_fx):
+    spec = MODELS[name]
+    model, example_inputs = spec.factory()
+    recipe = spec.recipe()
+    pcc = recipe.prepare_custom_config(fxquant, model, example_inputs)
+    prepared = prepare_fx(model, mapping or recipe.build(fxquant), example_inputs, prepare_custom_config=pcc,
+                          backend_config=recipe.get_backend_config(fxquant))
+    for batch in spec.calibration_data(3):
+        prepared(*batch)
+    return model, convert(prepared), example_inputs
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model, quantized, example_inputs = _quantize("resnet18")
+    return model, quantized, example_inputs, compare(model, quantized, example_inputs)
+
+
+def _two_bit_mapping():
+    bad = fxquant.QConfig(activation=fxquant.MinMaxObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=3),
+                          weight=fxquant.default_per_channel_weight_observer)
+    return fxquant.get_default_qconfig_mapping("x86").set_module_name(BAD_LAYER, bad)
+
+
+def test_rows_are_sorted_worst_first_and_cover_the_quantized_layers(resnet):
+    model, quantized, _, report = resnet
+    keys = [r.sort_key for r in report]
+    assert keys == sorted(keys)
+    names = {r.node for r in report}
+    explained = {r.node for r in fxquant.explain(quantized) if r.quantized}
+    assert explained <= names
+    assert {"conv1", "fc", "layer1_0_conv2", "add"} <= names
+
+
+def test_two_bit_activation_layer_comes_first():
+    model, quantized, example_inputs = _quantize("resnet18", _two_bit_mapping())
+    report = compare(model, quantized, example_inputs)
+    worst = report.rows[0]
+    assert worst.node == BAD_LAYER.replace(".", "_")
+    assert worst.local_sqnr < 15.0 and worst.weight_sqnr > 35.0  # its weights are fine, its output is not
+    others = [r.local_sqnr for r in report.rows[1:] if r.local_sqnr is not None]
+    assert min(others) > worst.local_sqnr + 10.0
+
+
+def test_corrupted_weight_comes_first_with_low_weight_sqnr(resnet):
+    model, quantized, example_inputs, _ = resnet
+    quantized = copy.deepcopy(quantized)
+    target = quantized.get_submodule("layer3.1.conv2")
+    with torch.no_grad():
+        w = target.weight_int
+        w.copy_(torch.flip(w, dims=[0]))  # output channels swapped: a plausible packing bug
+    report = compare(model, quantized, example_inputs)
+    assert report.rows[0].node == "layer3_1_conv2"
+    assert report.rows[0].weight_sqnr < 5.0
+    assert all(r.weight_sqnr > 35.0 for r in report.rows[1:] if r.weight_sqnr is not None)
+
+
+def test_numbers_match_direct_computation(resnet):
+    model, quantized, example_inputs, report = resnet
+    with torch.no_grad():
+        end_to_end = sqnr(model(*example_inputs), quantized(*example_inputs))
+    # the last layer's accumulated SQNR is the whole model's (float side BN-folded: agrees to ~0.01 dB)
+    assert report.row("fc").act_sqnr == pytest.approx(end_to_end, abs=0.05)
+    assert report.row("fc").weight_sqnr == sqnr(model.fc.weight.detach(), quantized.fc.get_weight().detach())
+
+    # local: fc alone on the float model's input, through fc's own output quantize -> dequantize
+    captured = {}
+    handle = model.fc.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0].clone()))
+    with torch.no_grad():
+        model(*example_inputs)
+        handle.remove()
+        fc_node = next(n for n in quantized.graph.nodes if n.name == "fc")
+        quant = next(iter(fc_node.users))
+        dequant = next(iter(quant.users))
+        y = quantized.fc(captured["x"])
+        q = quant.target(y, *[getattr(quantized, a.target) if isinstance(a, torch.fx.Node) else a
+                              for a in quant.args[1:]])
+        y_dq = dequant.target(q, *[getattr(quantized, a.target) if isinstance(a, torch.fx.Node) else a
+                                   for a in dequant.args[1:]])
+        expected = sqnr(model.fc(captured["x"]), y_dq)
+    # (compare's float side is the BN-folded model, equal to the original up to float rounding)
+    assert report.row("fc").local_sqnr == pytest.approx(expected, abs=1e-3)
+
+
+def test_fused_conv_bn_weights_are_compared_after_folding(resnet):
+    _, _, _, report = resnet
+    row = report.row("layer1_0_conv2")  # conv + bn folded at prepare: float side folded the same way
+    assert row.quantized and 35.0 < row.weight_sqnr < 60.0
+
+
+def test_layer_left_in_float_says_why_and_adds_no_error():
+    mapping = fxquant.get_default_qconfig_mapping("x86").set_module_name("fc", None)
+    model, quantized, example_inputs = _quantize("resnet18", mapping)
+    row = compare(model, quantized, example_inputs).row("fc")
+    assert not row.quantized and row.reason
+    assert row.weight_sqnr is None and row.local_sqnr == math.inf
+
+
+@pytest.mark.parametrize("name", ["functional", "bert_encoder", "lstm_classifier", "standalone"])
+def test_other_architectures(name):
+    model, quantized, example_inputs = _quantize(name)
+    report = compare(model, quantized, example_inputs)
+    quantized_rows = [r for r in report if r.quantized]
+    assert quantized_rows
+    assert all(r.act_sqnr is not None for r in quantized_rows)
+    with_weights = [r for r in quantized_rows if r.weight_sqnr is not None]
+    assert with_weights and all(20.0 < r.weight_sqnr < 80.0 for r in with_weights)
+
+
+def test_reference_model_compares_too():
+    model, quantized, example_inputs = _quantize("functional", convert=convert_to_reference_fx)
+    report = compare(model, quantized, example_inputs)
+    assert report.row("linear").weight_sqnr is not None and report.row("conv2d").weight_sqnr is not None
+
+
+def test_float_model_is_not_changed(resnet):
+    model, quantized, example_inputs, _ = resnet
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compare(model, quantized, example_inputs)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_text_table(resnet):
+    report = resnet[3]
+    text = report.table()
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["node", "op", "quantized"]
+    assert lines[1].split()[0] == report.rows[0].node
+    assert len(lines) == len(report) + 2
+    assert str(report) == text
+    assert len(report.table(limit=3).splitlines()) == 5
+
+
+def test_html_report_embeds_chart_and_table(resnet, tmp_path):
+    report: CompareReport = resnet[3]
+    path = report.to_html(str(tmp_path / "sub" / "report.html"))
+    page = open(path, encoding="utf-8").read()
+    match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert match and base64.b64decode(match.group(1)).startswith(b"\x89PNG")
+    assert all(f"<td>{r.node}</td>" in page for r in report.rows)
+    assert page.index(report.rows[0].node) < page.index(report.rows[-1].node)
+
+
+def test_bad_arguments(resnet):
+    model, quantized, example_inputs, _ = resnet
+    with pytest.raises(ValueError, match="convert_fx"):
+        compare(model, model, example_inputs)
+    with pytest.raises(TypeError, match="tuple"):
+        compare(model, quantized, [example_inputs[0]])
+    with pytest.raises(KeyError, match="no row"):
+        resnet[3].row("nope")
