@@ -11,6 +11,7 @@ from .custom_config import *  # noqa: F401,F403
 from .custom_config import __all__ as _custom_all
 from .fake_quantize import *  # noqa: F401,F403
 from .fake_quantize import __all__ as _fq_all
+from . import ops
 from .migrate import from_torch_ao, is_torch_ao_object
 from .observer import *  # noqa: F401,F403
 from .observer import __all__ as _obs_all

@@ -57,6 +57,15 @@ def _fuse_one(gm: fx.GraphModule, m: Match, modules: dict[str, nn.Module], is_qa
     for n in reversed(m.nodes):
         if n is not root and not n.users:
             gm.graph.erase_node(n)
+            if n.op == "call_module" and not any(u.op == "call_module" and u.target == n.target
+                                                 for u in gm.graph.nodes):
+                _delete_module(gm, str(n.target))
+
+
+def _delete_module(gm: fx.GraphModule, path: str) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    delattr(parent, name)
 
 
 @register_pass("fuse")

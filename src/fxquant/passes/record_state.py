@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from ..annotation import get_annotation
 from ..pipeline import Context, register_pass
@@ -48,6 +48,21 @@ def _record(node: fx.Node, modules: dict[str, Any]) -> NodeRecord:
     return NodeRecord(node.op, node.target, scope_path, scope_type, node.meta.get(QCONFIG_KEY), ann.reason)
 
 
+def reference_module_map(backend: Any) -> dict[type, type]:
+    """Float weighted module class (``nn.Conv2d``) -> its reference quantized class, from the backend's configs."""
+    return {c.root_module: c.reference_quantized_module for c in backend.configs
+            if c.root_module is not None and c.reference_quantized_module is not None}
+
+
+def _reference_class(mod: nn.Module, config: Any, ref_map: dict[type, type]) -> Any:
+    """The reference class for a matched module: by its config's root module (QAT / fused configs name it), else
+    by the class of the module or of a fused container's first part."""
+    root = getattr(config, "root_module", None)
+    if root is None:
+        root = type(mod[0]) if isinstance(mod, nn.Sequential) and len(mod) > 0 else type(mod)
+    return ref_map.get(root)
+
+
 @register_pass("record_state")
 def record_state(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     """Store a PreparedState on ``gm`` (attribute and meta)."""
@@ -55,13 +70,15 @@ def record_state(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     state = PreparedState(qconfig_mapping=ctx.qconfig_mapping, backend_config=backend_config_of(ctx),
                           is_qat=ctx.is_qat, prepare_custom_config=ctx.prepare_custom_config,
                           is_standalone=ctx.is_standalone)
+    ref_map = reference_module_map(state.backend_config)
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or "fxquant" not in node.meta:
             continue
         state.nodes[node.name] = _record(node, modules)
         ann = get_annotation(node)
-        ref = getattr(ann.config, "reference_quantized_module", None)
-        if node.op == "call_module" and ann.is_root and ann.qconfig is not None and not ann.reason and ref:
-            state.weighted_modules[str(node.target)] = WeightedEntry(node.name, ann.qconfig, ref)
+        if node.op == "call_module" and ann.is_root and ann.qconfig is not None and not ann.reason:
+            ref = _reference_class(modules[str(node.target)], ann.config, ref_map)
+            if ref is not None:
+                state.weighted_modules[str(node.target)] = WeightedEntry(node.name, ann.qconfig, ref)
     set_state(gm, state)
     return gm

@@ -19,11 +19,14 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
+from .. import ops as _registers_ops  # noqa: F401  (registers torch.ops.fxquant)
 from .._dtypes import dtype_range, is_float_qdtype, normalize_dtype
 from ..pipeline import Context, register_pass
 from .common import get_state, is_observer, set_module
 
-__all__ = ["to_reference", "weight_qparams_of", "ConvertError"]
+__all__ = ["to_reference", "weight_qparams_of", "ConvertError", "OBSERVED_RANGE"]
+
+OBSERVED_RANGE = "fxquant_observed_range"  # node.meta key on quantize nodes: (quant_min, quant_max) of the observer
 
 ops = torch.ops.fxquant
 _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
@@ -50,8 +53,8 @@ def weight_qparams_of(obs: nn.Module) -> dict[str, Any]:
 class _Builder:
     """Adds buffers and q/dq nodes to the graph module."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, backend_name: str = ""):
+        self.gm, self.backend_name = gm, backend_name
         self.buffers: dict[tuple[int, str], str] = {}
 
     def buffer(self, base: str, value: torch.Tensor) -> str:
@@ -99,6 +102,9 @@ def _static(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> f
     else:
         qnode = b.gm.graph.call_function(ops.quantize_per_tensor.default, (
             src, b.get_attr(s_name), b.get_attr(z_name), qmin, qmax, dtype))
+    # The q op clamps to the dtype's range (torch.ao's reference numerics); lowering may use the observer's
+    # narrower range (x86 reduce_range: 0..127), which kernels without VNNI need to stay exact.
+    qnode.meta[OBSERVED_RANGE] = (getattr(obs, "quant_min", qmin), getattr(obs, "quant_max", qmax))
     return _dequant(b, qnode, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
 
 
@@ -111,11 +117,18 @@ def _dequant(b: _Builder, q: fx.Node, s_name: str, z_name: str, qmin: int, qmax:
         q, b.get_attr(s_name), b.get_attr(z_name), qmin, qmax, dtype))
 
 
+# Backends whose dynamic int8 kernels take 7-bit activations: torch.ao's reference conversion reduces the range of
+# every dynamically quantized activation on the x86 / fbgemm engines, whatever the observer says.
+_DYNAMIC_REDUCE_RANGE_BACKENDS = ("native", "x86", "fbgemm")
+
+
 def _dynamic(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
     src = node.args[0]
     qmin, qmax = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
     if qmin is None or qmax is None:
-        qmin, qmax = dtype_range(dtype, bool(getattr(obs, "reduce_range", False)))
+        qmin, qmax = dtype_range(dtype)
+    if b.backend_name in _DYNAMIC_REDUCE_RANGE_BACKENDS and (qmin, qmax) == dtype_range(dtype):
+        qmin, qmax = dtype_range(dtype, reduce_range=True)
     eps = float(getattr(obs, "eps", torch.finfo(torch.float32).eps))
     symmetric = getattr(obs, "qscheme", None) in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
     g = b.gm.graph
@@ -135,9 +148,9 @@ def _float_cast(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) 
 def _replace_observer(b: _Builder, node: fx.Node, obs: nn.Module, float_nodes: set[str]) -> None:
     src = node.args[0]
     dtype = normalize_dtype(getattr(obs, "dtype", torch.float32))
-    keep_float = dtype in (torch.float32, torch.float, None) or src.name in float_nodes or \
-        all(u.name in float_nodes for u in node.users if u.op != "output")
-    with b.gm.graph.inserting_after(node):
+    consumers_float = bool(float_nodes) and all(u.op != "output" and u.name in float_nodes for u in node.users)
+    keep_float = dtype in (torch.float32, torch.float, None) or src.name in float_nodes or consumers_float
+    with b.gm.graph.inserting_before(node.next):
         if keep_float:
             new = src
         elif is_float_qdtype(dtype):
@@ -157,6 +170,22 @@ def _weighted_part(mod: nn.Module) -> tuple[nn.Module, Optional[int]]:
     return mod, None
 
 
+def _rnn_weight_names(mod: nn.Module) -> list[str]:
+    return [n for n in getattr(mod, "_flat_weights_names", []) if n.startswith("weight")]
+
+
+def _observe_weights(part: nn.Module, qconfig: Any) -> dict[str, Any]:
+    """Weight qparams from a fresh weight observer: one dict, or {name: dict} for RNNs (one observer per weight)."""
+    def observe(weight: torch.Tensor) -> dict[str, Any]:
+        obs = qconfig.weight()
+        obs(weight.detach())
+        return weight_qparams_of(obs)
+
+    if hasattr(part, "weight") and isinstance(part.weight, torch.Tensor):
+        return observe(part.weight)
+    return {name: observe(getattr(part, name)) for name in _rnn_weight_names(part)}
+
+
 def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.Module:
     """Float / fused / QAT module -> the same structure with its weighted part replaced by the reference module."""
     qat_fq = getattr(mod, "weight_fake_quant", None)
@@ -165,13 +194,12 @@ def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.
         mod = mod.to_float()
     else:
         part, _ = _weighted_part(mod)
-        obs = entry.qconfig.weight()
-        obs(part.weight.detach())
-        weight_qparams = weight_qparams_of(obs)
+        weight_qparams = _observe_weights(part, entry.qconfig)
     part, index = _weighted_part(mod)
     ref = entry.reference_cls.from_float(part, weight_qparams)
     if keep_original:
-        ref.original_weight = part.weight
+        ref.original_weight = part.weight if hasattr(part, "weight") else {
+            n: getattr(part, n) for n in _rnn_weight_names(part)}
     if index is None:
         return ref
     mod[index] = ref
@@ -197,9 +225,9 @@ def _unfinished_observers(observers: list[nn.Module]) -> list[str]:
     return out
 
 
-def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str]) -> None:
-    b = _Builder(gm)
-    modules = dict(gm.named_modules())
+def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str], backend_name: str) -> None:
+    b = _Builder(gm, backend_name)
+    modules = dict(gm.named_modules(remove_duplicate=False))
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_observer(modules.get(str(n.target)))]
     pairs = [(str(n.target), modules[str(n.target)]) for n in nodes]
     empty = _unfinished_observers(pairs)
@@ -237,7 +265,7 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
         if get_state(sub) is not None and getattr(get_state(sub), "is_standalone", False):
             set_module(gm, path, to_reference(sub, Context(remove_qconfig=ctx.remove_qconfig)))
     _swap_weighted(gm, state, float_nodes, ctx.keep_original_weights)
-    _replace_all_observers(gm, float_nodes)
+    _replace_all_observers(gm, float_nodes, getattr(state.backend_config, "name", ""))
     if ctx.remove_qconfig:
         _remove_qconfig(gm)
     gm.delete_all_unused_submodules()

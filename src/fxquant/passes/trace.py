@@ -41,6 +41,7 @@ class QuantizationTracer(fx.Tracer):
         self.skipped_names = set(skipped_names)
         self.skipped_classes = tuple(skipped_classes)
         self.path_stack: list[tuple[str, type]] = []
+        self.failure_stack: Optional[list[tuple[str, type]]] = None  # the module stack when tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (_is_library_module(m) or module_qualified_name in self.skipped_names
@@ -51,6 +52,10 @@ class QuantizationTracer(fx.Tracer):
         self.path_stack.append((path, type(m)))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failure_stack is None:
+                self.failure_stack = list(self.path_stack)
+            raise
         finally:
             self.path_stack.pop()
 
@@ -66,7 +71,8 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
 
 
 def _explain_failure(exc: Exception, tracer: QuantizationTracer, root: nn.Module) -> TraceFailure:
-    path, cls = tracer.path_stack[-1] if tracer.path_stack else ("", type(root))
+    stack = tracer.failure_stack or tracer.path_stack
+    path, cls = stack[-1] if stack else ("", type(root))
     frame = _user_frame(exc)
     where = ""
     if frame is not None:

@@ -15,7 +15,7 @@ class VerificationError(AssertionError):
 
 
 def _observer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    mods = dict(gm.named_modules())
+    mods = dict(gm.named_modules(remove_duplicate=False))
     return [n for n in gm.graph.nodes if n.op == "call_module" and is_observer(mods.get(str(n.target)))]
 
 

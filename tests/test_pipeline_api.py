@@ -1,0 +1,137 @@
+"""Entry-point behaviour: configs in dict form, custom configs, errors, explain, convert-time qconfig_mapping."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+import oracle
+from models import MODELS
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        y = y + 2.0
+        y = F.adaptive_avg_pool2d(y, 1).flatten(1)
+        return {"logits": self.fc(y), "aux": (y * 0.5, y.shape[0])}
+
+
+def _small():
+    torch.manual_seed(0)
+    return Small().eval(), (torch.randn(2, 3, 8, 8),)
+
+
+def _counts(gm):
+    return oracle.node_count_dict(gm)
+
+
+def test_fuse_fx_folds_bn_and_fuses_relu():
+    model, ex = _small()
+    fused = fxquant.fuse_fx(copy.deepcopy(model))
+    assert type(fused.conv).__name__ == "ConvReLU2d"
+    assert "BatchNorm2d" not in {type(m).__name__ for m in fused.modules()}
+    torch.testing.assert_close(fused(*ex)["logits"], model(*ex)["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_dict_forms_are_accepted():
+    model, ex = _small()
+    mapping = fxquant.get_default_qconfig_mapping("x86").to_dict()
+    p1 = fxquant.prepare_fx(copy.deepcopy(model), mapping, ex,
+                            prepare_custom_config={"preserved_attributes": ["marker"]},
+                            backend_config=fxquant.get_native_backend_config().to_dict())
+    p2 = fxquant.prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping("x86"), ex)
+    assert _counts(p1) == _counts(p2)
+
+
+def test_preserved_attributes_survive_prepare():
+    model, ex = _small()
+    model.marker = "keep me"
+    cfg = fxquant.PrepareCustomConfig().set_preserved_attributes(["marker"])
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex, prepare_custom_config=cfg)
+    assert prepared.marker == "keep me"
+
+
+def test_untraceable_model_error_names_module_line_and_fix():
+    spec = MODELS["branchy"]
+    model, ex = spec.factory()
+    with pytest.raises(RuntimeError) as info:
+        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex)
+    msg = str(info.value)
+    assert "'gate'" in msg and "models.py" in msg and "set_non_traceable_module_names" in msg
+
+
+def test_example_inputs_must_be_a_tuple():
+    model, ex = _small()
+    with pytest.raises(TypeError, match="tuple"):
+        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex[0])
+
+
+def test_unsupported_qconfig_leaves_pattern_float_and_explain_says_why():
+    model, ex = _small()
+    odd = fxquant.QConfig(activation=fxquant.MinMaxObserver.with_args(dtype=torch.int16),
+                          weight=fxquant.default_weight_observer)
+    mapping = fxquant.get_default_qconfig_mapping().set_object_type(nn.Linear, odd)
+    with pytest.warns(UserWarning) if False else _nullcontext():
+        prepared = fxquant.prepare_fx(model, mapping, ex)
+    rows = {r.node: r for r in fxquant.explain(prepared)}
+    assert not rows["fc"].quantized and "int16" in rows["fc"].reason
+    assert rows["conv"].quantized
+    text = fxquant.format_explain(list(rows.values()))
+    assert "fc" in text and "ops quantized" in text
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_prepared_output_structure_is_kept():
+    model, ex = _small()
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping(), ex)
+    out = prepared(*ex)
+    assert set(out) == {"logits", "aux"} and out["aux"][1] == 2
+
+
+def test_convert_time_mapping_can_skip_a_module():
+    model, ex = _small()
+    mapping = fxquant.get_default_qconfig_mapping()
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), mapping, ex)
+    prepared(*ex)
+    convert_mapping = fxquant.get_default_qconfig_mapping().set_object_type(nn.Linear, None)
+    ref = fxquant.convert_to_reference_fx(copy.deepcopy(prepared), qconfig_mapping=convert_mapping)
+    assert type(ref.fc) is nn.Linear
+    assert type(ref.conv[0]).__module__.startswith("fxquant.nn.quantized.reference")
+    bad = fxquant.QConfigMapping().set_global(fxquant.default_qconfig)
+    with pytest.raises(ValueError, match="global"):
+        fxquant.convert_to_reference_fx(copy.deepcopy(prepared), qconfig_mapping=bad)
+
+
+def test_remove_qconfig_flag():
+    model, ex = _small()
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping(), ex)
+    prepared(*ex)
+    kept = fxquant.convert_to_reference_fx(copy.deepcopy(prepared), _remove_qconfig=False)
+    removed = fxquant.convert_to_reference_fx(copy.deepcopy(prepared))
+    assert any(hasattr(m, "qconfig") for m in kept.modules())
+    assert not any("qconfig" in m.__dict__ for m in removed.modules())
+
+
+def test_scalar_add_shares_qparams_with_its_input():
+    model, ex = _small()
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping(), ex)
+    mods = dict(prepared.named_modules(remove_duplicate=False))
+    add = next(n for n in prepared.graph.nodes if n.op == "call_function" and n.target.__name__ == "add")
+    obs_in, obs_out = add.args[0], next(iter(add.users))
+    assert mods[obs_in.target] is mods[obs_out.target]
