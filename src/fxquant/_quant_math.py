@@ -37,8 +37,10 @@ __all__ = ["Number", "f32", "reciprocal_f32", "exact_sum_f32", "fused_round", "s
 
 Number = Union[float, int, Tensor]
 
-_LOW29 = (1 << 29) - 1  # float64 significand bits that rounding to float32 drops
-_HALF29 = 1 << 28  # their pattern when the float64 value lies exactly half-way between two float32 values
+# A float64 value lies exactly half-way between two float32 values when the 29 significand bits that rounding to
+# float32 drops read 1000...0; shifting them to the top of an int64 turns that pattern into INT64_MIN.
+_DROPPED_BITS_SHIFT = 64 - 29
+_HALFWAY_PATTERN = -(2**63)
 
 
 def f32(value: float) -> float:
@@ -59,7 +61,7 @@ def _as_f64(v: Number) -> Number:
 
 def _halfway(s: Tensor) -> Tensor:
     """Where the float64 ``s`` lies exactly half-way between two float32 values."""
-    return (s.view(torch.int64) & _LOW29) == _HALF29
+    return (s.view(torch.int64) << _DROPPED_BITS_SHIFT) == _HALFWAY_PATTERN
 
 
 def _step_towards_exact(s: Tensor, a: Number, b: Number) -> Tensor:
@@ -68,21 +70,25 @@ def _step_towards_exact(s: Tensor, a: Number, b: Number) -> Tensor:
     return torch.where(err != 0, torch.nextafter(s, err * math.inf), s)
 
 
-def _pick(v: Number, shape: torch.Size, mask: Tensor) -> Number:
-    return torch.broadcast_to(v, shape)[mask] if isinstance(v, Tensor) and v.dim() > 0 else v
-
-
-def _repair_sparse(s: Tensor, a: Number, b: Number) -> Tensor:
-    """CPU: one cheap test, then the rare repairs on the few elements concerned (in place)."""
-    halfway = _halfway(s)
-    if bool(halfway.any()):
-        s[halfway] = _step_towards_exact(s[halfway], _pick(a, s.shape, halfway), _pick(b, s.shape, halfway))
-    return s
+def _pick(v: Number, shape: torch.Size, where: tuple[Tensor, ...]) -> Number:
+    return torch.broadcast_to(v, shape)[where] if isinstance(v, Tensor) and v.dim() > 0 else v
 
 
 def _repair_dense(s: Tensor, a: Number, b: Number) -> Tensor:
-    """Accelerators: the same repair without data-dependent control flow (no host synchronisation)."""
+    """The repair without data-dependent control flow (accelerators: no host synchronisation)."""
     return torch.where(_halfway(s), _step_towards_exact(s, a, b), s)
+
+
+def _repair_sparse(s: Tensor, a: Number, b: Number) -> Tensor:
+    """CPU: one cheap test, then the repair on the half-way elements only (in place).
+
+    Half-way sums are rare for most scales; a scale whose reciprocal has few significant bits (1/256, 0.02 -> 50)
+    makes many sums exact float32 ties, and gathering those is still cheaper than the dense form.
+    """
+    where = _halfway(s).nonzero(as_tuple=True)
+    if where[0].numel():
+        s.index_put_(where, _step_towards_exact(s[where], _pick(a, s.shape, where), _pick(b, s.shape, where)))
+    return s
 
 
 _REPAIR: dict[str, Callable[[Tensor, Number, Number], Tensor]] = {"cpu": _repair_sparse}
