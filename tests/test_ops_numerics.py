@@ -81,7 +81,8 @@ def test_quantize_per_tensor_short_tensors_take_the_same_path(n: int) -> None:
         for _ in range(40):
             scale, zp = _scale(g), _zero_point(g, dtype)
             x = _inputs(g, 4 * n, scale, zp)[: 4 * n]
-            assert torch.equal(ops.quantize_per_tensor(x, scale, zp, None, None, dtype), _torch_qpt(x, scale, zp, dtype))
+            ours = ops.quantize_per_tensor(x, scale, zp, None, None, dtype)
+            assert torch.equal(ours, _torch_qpt(x, scale, zp, dtype))
 
 
 def _halfway_products(u: float) -> list[tuple[float, float, int]]:

@@ -42,8 +42,8 @@ def check_qdtype(op: str, dtype: torch.dtype, quant_min: int, quant_max: int) ->
             raise ValueError(f"{op}: quant_min={quant_min} exceeds quant_max={quant_max}")
         return False
     raise ValueError(f"{op}: dtype {dtype} is not supported; expected one of "
-                     f"{_names(list(INT_QDTYPES) + list(FLOAT_QDTYPES))} (legacy torch.quint8 / qint8 / qint32 are "
-                     f"accepted by the fxquant.ops wrappers, or map them with fxquant._dtypes.normalize_dtype)")
+                     f"{_names(list(INT_QDTYPES) + list(FLOAT_QDTYPES))} (the legacy quint8 / qint8 / qint32 "
+                     f"dtypes are accepted by the fxquant.ops wrappers, or map them with fxquant._dtypes.normalize_dtype)")
 
 
 def check_input_dtype(op: str, x: Tensor, allowed: Sequence[torch.dtype] = QUANTIZE_INPUT_DTYPES) -> None:

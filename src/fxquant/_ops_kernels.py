@@ -14,7 +14,7 @@ from . import _ops_checks as chk
 from . import _quant_math as qm
 from .qparams import compute_qparams
 
-__all__ = ["KERNELS", "fake_quant_backward_mask"]
+__all__ = ["KERNELS", "FAKE_QUANT_MASKS"]
 
 Scale = Union[Tensor, float]
 ZeroPoint = Union[Tensor, int]
@@ -171,16 +171,21 @@ def fake_quantize_per_channel(input: Tensor, scales: Tensor, zero_points: Tensor
     return qm.fake_quantize(input, s, z, quant_min, quant_max, per_tensor=False)
 
 
-def fake_quant_backward_mask(name: str, inputs: tuple) -> Tensor:
-    """Straight-through mask of a fake-quant op call (``name`` without namespace, ``inputs`` its arguments)."""
-    if name == "fake_quantize_per_channel":
-        x, scales, zero_points, axis, qmin, qmax = inputs
-        shape = _group_shape("fxquant." + name, x, scales, zero_points, axis)
-        return qm.fake_quantize_mask(x, scales.reshape(shape), zero_points.reshape(shape), qmin, qmax, False)
-    x, scale, zero_point, qmin, qmax = inputs
+def _mask_per_tensor(input: Tensor, scale: Scale, zero_point: ZeroPoint, quant_min: int, quant_max: int) -> Tensor:
     s = float(scale.item()) if isinstance(scale, Tensor) else scale
     z = int(zero_point.item()) if isinstance(zero_point, Tensor) else zero_point
-    return qm.fake_quantize_mask(x, s, z, qmin, qmax, True)
+    return qm.fake_quantize_mask(input, s, z, quant_min, quant_max, per_tensor=True)
+
+
+def _mask_per_channel(input: Tensor, scales: Tensor, zero_points: Tensor, axis: int, quant_min: int,
+                      quant_max: int) -> Tensor:
+    shape = _group_shape("fxquant.fake_quantize_per_channel", input, scales, zero_points, axis)
+    return qm.fake_quantize_mask(input, scales.reshape(shape), zero_points.reshape(shape), quant_min, quant_max,
+                                 per_tensor=False)
+
+
+# fake-quant operator -> where its straight-through gradient passes (called with the operator's arguments)
+FAKE_QUANT_MASKS = {"fake_quantize_per_tensor": _mask_per_tensor, "fake_quantize_per_channel": _mask_per_channel}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Number", "f32", "reciprocal_f32", "exact_sum_f32", "fused_round", "split_round", "shift_round",
-           "to_integer", "float_bounds", "INT64_MIN", "INT64_MAX", "quantize_float", "dequantize_int", "dequantize_float", "fake_round",
-           "fake_quantize_mask", "fake_quantize"]
+           "to_integer", "float_bounds", "INT64_MIN", "INT64_MAX", "quantize_float", "dequantize_int",
+           "dequantize_float", "fake_round", "fake_quantize_mask", "fake_quantize"]
 
 Number = Union[float, int, Tensor]
 

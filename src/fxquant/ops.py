@@ -64,7 +64,8 @@ _SCHEMAS = {
     "dequantize_per_token": f"(Tensor input, Tensor scales, Tensor zero_points, {_QP}, {_OUT}) -> Tensor",
     "choose_qparams_per_tensor": f"{_CHOOSE} -> (Tensor, Tensor)",
     "choose_qparams_per_token": f"{_CHOOSE} -> (Tensor, Tensor)",
-    "fake_quantize_per_tensor": "(Tensor input, Tensor scale, Tensor zero_point, int quant_min, int quant_max) -> Tensor",
+    "fake_quantize_per_tensor": "(Tensor input, Tensor scale, Tensor zero_point, int quant_min, int quant_max)"
+                                " -> Tensor",
     "fake_quantize_per_tensor.scalar": "(Tensor input, float scale, int zero_point, int quant_min, int quant_max) "
                                        "-> Tensor",
     "fake_quantize_per_channel": "(Tensor input, Tensor scales, Tensor zero_points, int axis, int quant_min, "
@@ -74,15 +75,18 @@ _FAKE_QUANT_OPS = ("fake_quantize_per_tensor", "fake_quantize_per_tensor.scalar"
 
 
 def _setup_fake_quant(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    ctx.inputs = inputs
+    ctx.is_tensor = [isinstance(v, Tensor) for v in inputs]
+    ctx.save_for_backward(*[v for v in inputs if isinstance(v, Tensor)])
+    ctx.constants = [v for v in inputs if not isinstance(v, Tensor)]
 
 
 def _make_backward(name: str) -> Any:
-    base = name.split(".")[0]
+    mask_of = kernels.FAKE_QUANT_MASKS[name.split(".")[0]]
 
     def backward(ctx: Any, grad: Tensor) -> tuple:
-        mask = kernels.fake_quant_backward_mask(base, ctx.inputs)
-        return (grad * mask,) + (None,) * (len(ctx.inputs) - 1)
+        tensors, constants = iter(ctx.saved_tensors), iter(ctx.constants)
+        inputs = tuple(next(tensors) if t else next(constants) for t in ctx.is_tensor)
+        return (grad * mask_of(*inputs),) + (None,) * (len(inputs) - 1)
     return backward
 
 
@@ -158,7 +162,7 @@ def quantize_per_tensor(input: Tensor, scale: ScaleArg, zero_point: ZeroPointArg
     """Quantize ``input`` (float32 / float16 / bfloat16) with one scale and zero point.
 
     Integer ``dtype``: ``clamp(rint(input / scale + zero_point), quant_min, quant_max)``, equal bit for bit to
-    ``torch.quantize_per_tensor(...).int_repr()`` on x86. Float ``dtype`` (fp16 / bf16 / fp8): ``input / scale``
+    the integers of torch's x86 per-tensor quantize kernel. Float ``dtype`` (fp16 / bf16 / fp8): ``input / scale``
     clamped to the finite range, cast. Raises ValueError for a bad dtype, range, scale or zero point.
     """
     dtype = _plain(dtype)
@@ -181,7 +185,7 @@ def dequantize_per_tensor(input: Tensor, scale: ScaleArg, zero_point: ZeroPointA
 
 def quantize_per_channel(input: Tensor, scales: SeqArg, zero_points: SeqArg, axis: int, quant_min: Optional[int],
                          quant_max: Optional[int], dtype: torch.dtype) -> Tensor:
-    """Quantize with one scale / zero point per slice along ``axis``, equal to ``torch.quantize_per_channel``.
+    """Quantize with one scale / zero point per slice along ``axis``, equal to torch's per-channel quantize kernel.
 
     ``zero_points`` may be floats (``per_channel_affine_float_qparams``, embeddings).
     """
