@@ -79,6 +79,27 @@ def test_round_trip_error_is_at_most_half_a_step_inside_the_range(scale: float, 
     assert bool(((q_fq.int() - q.int())[differ].abs() == 1).all())  # one step apart where they differ
 
 
+def test_int16_rounds_like_int8_and_clamps_to_its_own_range() -> None:
+    """torch has no 16-bit quantized tensor; int16 uses the 8-bit formulas, so inside int8's range both agree."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20_000, generator=g) * 3
+    k = torch.randint(-100, 100, (20_000,), generator=g)
+    x = torch.cat([x, (k + 0.5) * 0.0173 - 0.0173 * 7])  # ties of x / scale + zp
+    for scale, zp in ((0.0173, 7), (0.02, -3), (2.0**-7, 0)):
+        q16 = ops.quantize_per_tensor(x, scale, zp, None, None, torch.int16)
+        q8 = ops.quantize_per_tensor(x, scale, zp, None, None, torch.int8)
+        inside = (q16 >= -128) & (q16 <= 127)
+        assert q16.dtype == torch.int16 and torch.equal(q16[inside].to(torch.int8), q8[inside])
+        c16 = ops.quantize_per_channel(x.reshape(2, -1), [scale] * 2, [zp] * 2, 0, None, None, torch.int16)
+        c8 = ops.quantize_per_channel(x.reshape(2, -1), [scale] * 2, [zp] * 2, 0, None, None, torch.int8)
+        inside = (c16 >= -128) & (c16 <= 127)
+        assert torch.equal(c16[inside].to(torch.int8), c8[inside])
+    big = ops.quantize_per_tensor(torch.tensor([1e9, -1e9, math.nan]), 1.0, 0, None, None, torch.int16)
+    assert big.tolist() == [32767, -32768, 32767]
+    back = ops.dequantize_per_tensor(big, 0.5, 3, None, None, torch.int16)
+    assert back.tolist() == [(32767 - 3) * 0.5, (-32768 - 3) * 0.5, (32767 - 3) * 0.5]
+
+
 def test_layouts_do_not_change_results() -> None:
     x = torch.randn(2, 8, 5, 5) * 3
     for view in (x.transpose(1, 3), x.to(memory_format=torch.channels_last), x[:, ::2]):
