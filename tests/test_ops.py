@@ -196,6 +196,13 @@ def test_choose_qparams_equals_torchao_dynamic_and_minmax(symmetric: bool, dtype
         assert float(scale) == float(s_obs) and int(zp) == int(z_obs)
 
 
+def test_choose_qparams_carries_no_gradient() -> None:
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    for scale, zp in (ops.choose_qparams_per_tensor(w, 0, 255, None, torch.uint8),
+                      ops.choose_qparams_per_token(w, -128, 127, None, torch.int8, True)):
+        assert not scale.requires_grad and not zp.requires_grad
+
+
 def test_choose_qparams_per_token_is_per_tensor_on_each_row() -> None:
     x = torch.randn(4, 6, 33) * torch.rand(4, 6, 1) * 5
     scales, zps = ops.choose_qparams_per_token(x, -128, 127, None, torch.int8)

@@ -131,10 +131,11 @@ def _choose(op: str, input: Tensor, quant_min: int, quant_max: int, eps: float, 
     if input.numel() == 0 or (per_token and input.dim() == 0):
         raise ValueError(f"{op}: cannot choose qparams for an input of shape {tuple(input.shape)} (no values "
                          f"{'per token' if per_token else ''}); pass a non-empty tensor")
+    values = input.detach().to(_F32)  # dynamic qparams carry no gradient
     if per_token:
-        min_val, max_val = torch.aminmax(input.to(_F32), dim=-1, keepdim=True)
+        min_val, max_val = torch.aminmax(values, dim=-1, keepdim=True)
     else:
-        min_val, max_val = torch.aminmax(input.to(_F32))
+        min_val, max_val = torch.aminmax(values)
     qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
     try:
         return compute_qparams(min_val, max_val, quant_min, quant_max, qscheme, dtype, eps)
