@@ -316,3 +316,35 @@ def test_branchy_float_model_registered_class_roundtrip(tmp_path):
     finally:
         unregister_safe(BranchyNet)
         unregister_safe(DataDependentGate)
+
+
+def scaled_clamp(x, limit: float):
+    """A user function kept as a graph leaf with torch.fx.wrap."""
+    return x.clamp(-limit, limit) * 0.5
+
+
+torch.fx.wrap("scaled_clamp")
+
+
+class UsesWrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return scaled_clamp(self.fc(x), 1.0)
+
+
+def test_wrapped_user_function_needs_registration(tmp_path):
+    x = torch.randn(3, 4)
+    prepared = prepare_fx(UsesWrapped().eval(), fxquant.get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)
+    assert any(n.target is scaled_clamp for n in prepared.graph.nodes)
+    with pytest.raises(UnsafeReferenceError, match=r"function test_save_load\.scaled_clamp.*register_safe"):
+        save(prepared, tmp_path / "m.fxq")
+    register_safe(scaled_clamp)
+    try:
+        loaded = _roundtrip(prepared, tmp_path)
+        _assert_same_outputs(prepared, loaded, (x,))
+    finally:
+        unregister_safe(scaled_clamp)

@@ -170,3 +170,11 @@ def test_bad_arguments(resnet):
         compare(model, quantized, [example_inputs[0]])
     with pytest.raises(KeyError, match="no row"):
         resnet[3].row("nope")
+
+
+def test_html_without_matplotlib_still_has_the_table(resnet, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    page = open(resnet[3].to_html(str(tmp_path / "r.html")), encoding="utf-8").read()
+    assert "matplotlib is not installed" in page and "<table>" in page and "base64" not in page

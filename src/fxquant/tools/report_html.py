@@ -79,7 +79,11 @@ def _table(report: Any, bad_db: float) -> str:
 
 def write_html(report: Any, path: str, bad_db: float = 20.0) -> None:
     """Write ``report`` as a self-contained HTML page to ``path`` (rows under ``bad_db`` local SQNR highlighted)."""
-    png = base64.b64encode(sqnr_chart_png(report)).decode("ascii")
+    try:
+        png = base64.b64encode(sqnr_chart_png(report)).decode("ascii")
+        chart = f'<img alt="per-layer SQNR bar chart" src="data:image/png;base64,{png}">'
+    except ImportError:
+        chart = "<p>(no chart: matplotlib is not installed; <code>pip install 'fxquant[report]'</code>)</p>"
     meta = "".join(f"<div>{html.escape(k)}: {html.escape(str(v))}</div>" for k, v in report.meta.items())
     n_q = sum(r.quantized for r in report.rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(report.title)}</title>
@@ -89,7 +93,7 @@ def write_html(report: Any, path: str, bad_db: float = 20.0) -> None:
 layer alone on the float model's inputs (weight + output quantization); accumulated = the quantized model's
 activation against the float model's.</div></div>
 <h2>SQNR per layer</h2>
-<img alt="per-layer SQNR bar chart" src="data:image/png;base64,{png}">
+{chart}
 <h2>Layers</h2>
 {_table(report, bad_db)}
 </body></html>
