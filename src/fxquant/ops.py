@@ -90,6 +90,18 @@ def _make_backward(name: str) -> Any:
     return backward
 
 
+_NON_DIFFERENTIABLE_OPS = ("choose_qparams_per_tensor", "choose_qparams_per_token")
+
+
+def _setup_non_differentiable(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(*output)
+    ctx.num_inputs = len(inputs)
+
+
+def _no_gradient(ctx: Any, *grads: Tensor) -> tuple:
+    return (None,) * ctx.num_inputs
+
+
 def _register() -> torch.library.Library:
     lib = torch.library.Library(NAMESPACE, "DEF")
     for name, schema in _SCHEMAS.items():
@@ -100,6 +112,9 @@ def _register() -> torch.library.Library:
     for name in _FAKE_QUANT_OPS:
         torch.library.register_autograd(f"{NAMESPACE}::{name}", _make_backward(name),
                                         setup_context=_setup_fake_quant, lib=lib)
+    for name in _NON_DIFFERENTIABLE_OPS:  # dynamic qparams: outputs never require grad
+        torch.library.register_autograd(f"{NAMESPACE}::{name}", _no_gradient, setup_context=_setup_non_differentiable,
+                                        lib=lib)
     return lib
 
 
