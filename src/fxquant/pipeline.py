@@ -9,7 +9,8 @@ A mode is a different tuple, never a flag threaded through functions::
     CONVERT     = to_reference, verify_reference (+ lower, verify_lowered)
 
 ``run(gm, stage, ctx, hook=...)`` calls the passes in order; a hook sees the graph module after every pass
-(dump, verify, time: ``fxquant.pipeline.timing_hook``).
+(dump, verify, time: ``fxquant.pipeline.timing_hook``). Passes edit ``gm.graph`` only; ``run`` regenerates the
+Python code once at the end of the stage (a hook that wants to call the module in between calls ``recompile``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 __all__ = ["Context", "register_pass", "run", "PASSES", "PREPARE", "PREPARE_QAT", "FUSE", "REFERENCE", "CONVERT",
            "timing_hook"]
@@ -86,6 +87,8 @@ def run(model: nn.Module, stage: tuple[str, ...], ctx: Context, hook: Optional[H
         ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - start
         if hook is not None:
             hook(name, model, ctx)
+    if isinstance(model, fx.GraphModule):
+        model.recompile()  # passes edit the graph only; the Python code is generated once per stage
     return model
 
 

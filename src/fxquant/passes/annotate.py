@@ -87,15 +87,25 @@ def _float(reason: str, qconfig: Any = None, m: Optional[Match] = None) -> NodeA
                           reason=reason)
 
 
-def _annotate_match(m: Match, ctx: Context, index: dict[str, int]) -> None:
+def _decide(qconfig: Any, config: Any, is_qat: bool, roles: tuple[str, ...], cache: dict[Any, Any]) -> Any:
+    """find_dtype_config, memoised per (qconfig, pattern config, roles): it instantiates observers, and a model
+    repeats the same few decisions thousands of times."""
+    key = (id(qconfig), id(config), roles)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not qconfig:
+        hit = cache[key] = (qconfig, find_dtype_config(qconfig, config.dtype_configs, is_qat, roles=roles,
+                                                       warn=True))
+    return hit[1]
+
+
+def _annotate_match(m: Match, ctx: Context, index: dict[str, int], cache: dict[Any, Any]) -> None:
     qconfig = m.last.meta.get(QCONFIG_KEY)
     if qconfig is None:
         reason = "qconfig is None (the QConfigMapping leaves it in float)"
         for n in m.nodes:
             set_annotation(n, _float(reason, None, m))
         return
-    dc, reasons = find_dtype_config(qconfig, m.config.dtype_configs, ctx.is_qat, roles=_roles(index, m.root),
-                                    warn=True)
+    dc, reasons = _decide(qconfig, m.config, ctx.is_qat, _roles(index, m.root), cache)
     if dc is None:
         reason = "the backend does not support this qconfig here: " + "; ".join(reasons)
         for n in m.nodes:
@@ -137,12 +147,13 @@ def annotate(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     skip = {n for n in gm.graph.nodes if n.meta.get("fxquant_special")}
     matches = find_matches(gm.graph, PatternIndex(backend.configs), modules, skip)
     indexes = weight_indexes(backend.configs)
+    cache: dict[Any, Any] = {}
     seen: set[int] = set()
     for m in matches.values():
         if id(m) not in seen:
             seen.add(id(m))
             index = indexes.get(node_key(m.root, modules), {}) if m.root.op == "call_function" else {}
-            _annotate_match(m, ctx, index)
+            _annotate_match(m, ctx, index, cache)
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method") and node not in matches \
                 and "fxquant_special" not in node.meta:

@@ -8,6 +8,7 @@ module's name. Functional activations inside a pattern are given to the fuser as
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from torch import fx, nn
@@ -38,7 +39,8 @@ def _modules_for(structure: Any, modules: dict[str, nn.Module], training: bool) 
     return MatchAllNode
 
 
-def _fuse_one(gm: fx.GraphModule, m: Match, modules: dict[str, nn.Module], is_qat: bool) -> None:
+def _fuse_one(gm: fx.GraphModule, m: Match, modules: dict[str, nn.Module], is_qat: bool,
+              calls: Counter[str]) -> None:
     root = m.root
     if root.op != "call_module":
         raise ValueError(f"fuse: the fusion pattern matched at node '{m.last.name}' must start with a module, but "
@@ -57,9 +59,10 @@ def _fuse_one(gm: fx.GraphModule, m: Match, modules: dict[str, nn.Module], is_qa
     for n in reversed(m.nodes):
         if n is not root and not n.users:
             gm.graph.erase_node(n)
-            if n.op == "call_module" and not any(u.op == "call_module" and u.target == n.target
-                                                 for u in gm.graph.nodes):
-                _delete_module(gm, str(n.target))
+            if n.op == "call_module":
+                calls[str(n.target)] -= 1
+                if not calls[str(n.target)]:
+                    _delete_module(gm, str(n.target))
 
 
 def _delete_module(gm: fx.GraphModule, path: str) -> None:
@@ -75,12 +78,11 @@ def fuse(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     configs = [c for c in backend.configs if getattr(c, "fuser_method", None) is not None]
     modules = ctx.modules(gm)
     matches = find_matches(gm.graph, PatternIndex(configs), modules)
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     done: set[int] = set()
     for m in list(matches.values()):
         if id(m) in done:
             continue
         done.add(id(m))
-        _fuse_one(gm, m, modules, ctx.is_qat)
-    gm.graph.lint()
-    gm.recompile()
+        _fuse_one(gm, m, modules, ctx.is_qat, calls)
     return gm

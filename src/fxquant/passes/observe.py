@@ -136,6 +136,5 @@ def observe(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
             _observe_inputs(ins, node, ann)
         if ann.is_last and ann.output.quantized and not ann.output.is_dynamic:
             _observe_output(ins, node, ann)
-    gm.recompile()
     return gm
 

@@ -12,6 +12,7 @@ After::   x -> quantize -> dequantize -> ref_conv -> quantize -> dequantize -> o
 """
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 from typing import Any, Optional
@@ -186,12 +187,36 @@ def _observe_weights(part: nn.Module, qconfig: Any) -> dict[str, Any]:
     return {name: observe(getattr(part, name)) for name in _rnn_weight_names(part)}
 
 
+def _has_statistics(fake_quant: nn.Module) -> bool:
+    """False for a fake quant whose observer never saw data (``min_val`` still empty or infinite)."""
+    min_val = getattr(getattr(fake_quant, "activation_post_process", None), "min_val", None)
+    if not isinstance(min_val, torch.Tensor):
+        return True  # no min / max statistics to inspect (learnable scales, custom fake quants): trust it
+    return min_val.numel() > 0 and bool(torch.isfinite(min_val).all())
+
+
+def _qat_weight_qparams(fake_quant: nn.Module, float_weight: torch.Tensor) -> dict[str, Any]:
+    """The weight qparams a QAT module trained with. A QAT model converted without any training step has a
+    weight fake quant that never ran: a copy of it (observer on) observes the float (BN-folded) weight, as
+    torch.ao's convert does, so the scales fit the weight instead of defaulting to 1.0."""
+    if not _has_statistics(fake_quant):
+        fake_quant = copy.deepcopy(fake_quant)
+        if hasattr(fake_quant, "enable_observer"):
+            fake_quant.enable_observer()
+        with torch.no_grad():
+            fake_quant(float_weight.detach())
+    return weight_qparams_of(fake_quant)
+
+
 def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.Module:
-    """Float / fused / QAT module -> the same structure with its weighted part replaced by the reference module."""
+    """Float / fused / QAT module -> the same structure with its weighted part replaced by the reference module.
+
+    A QAT module keeps the weight qparams of its ``weight_fake_quant`` (those training used, bit for bit; unlike
+    torch.ao, which runs the fake quant once more on the folded weight at convert)."""
     qat_fq = getattr(mod, "weight_fake_quant", None)
     if qat_fq is not None and hasattr(mod, "to_float"):
-        weight_qparams = weight_qparams_of(qat_fq)  # the qparams training used
         mod = mod.to_float()
+        weight_qparams = _qat_weight_qparams(qat_fq, _weighted_part(mod)[0].weight)
     else:
         part, _ = _weighted_part(mod)
         weight_qparams = _observe_weights(part, entry.qconfig)
@@ -270,5 +295,4 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
         _remove_qconfig(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
-    gm.recompile()
     return gm

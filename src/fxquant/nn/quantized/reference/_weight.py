@@ -165,9 +165,11 @@ def _broadcast(values: torch.Tensor, spec: WeightSpec, ndim: int) -> torch.Tenso
 def quantize_weight(weight: torch.Tensor, spec: WeightSpec, scale: torch.Tensor,
                     zero_point: torch.Tensor) -> torch.Tensor:
     """Quantize a float weight exactly as torch's CPU ``quantize_per_tensor / per_channel`` does."""
-    w = weight.detach().float()
     if spec.granularity == "none":
         return weight.detach().clone()
+    if weight.is_meta:  # a module being built on the meta device: only the shape and dtype matter (and meta ops
+        return torch.empty(weight.shape, dtype=spec.dtype, device="meta")  # run ~100x slower than real ones)
+    w = weight.detach().float()
     s = _broadcast(scale, spec, w.dim())
     zp = _broadcast(zero_point, spec, w.dim())
     if spec.quant_min is None:  # float target: scale, clamp to the finite range, cast
