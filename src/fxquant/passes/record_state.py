@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from ..annotation import get_annotation
 from ..pipeline import Context, register_pass
+from .annotate import spec_of
 from .assign_qconfig import QCONFIG_KEY
 from .common import PreparedState, backend_config_of, set_state
 
@@ -76,7 +77,8 @@ def record_state(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
             continue
         state.nodes[node.name] = _record(node, modules)
         ann = get_annotation(node)
-        if node.op == "call_module" and ann.is_root and ann.qconfig is not None and not ann.reason:
+        if node.op == "call_module" and ann.is_root and ann.qconfig is not None and not ann.reason \
+                and spec_of(ann.qconfig.weight).quantized:  # a float weight (Identity, float32) needs no swap
             ref = _reference_class(modules[str(node.target)], ann.config, ref_map)
             if ref is not None:
                 state.weighted_modules[str(node.target)] = WeightedEntry(node.name, ann.qconfig, ref)

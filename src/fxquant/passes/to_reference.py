@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from .. import ops as _registers_ops  # noqa: F401  (registers torch.ops.fxquant)
 from .._dtypes import dtype_range, is_float_qdtype, normalize_dtype
+from ..distributed import warn_if_unsynced
 from ..pipeline import Context, register_pass
 from .common import get_state, is_observer, set_module
 
@@ -41,7 +42,7 @@ def weight_qparams_of(obs: nn.Module) -> dict[str, Any]:
     """torch.ao-style weight qparams dict from an observer / fake quant that has seen the weight."""
     dtype = normalize_dtype(obs.dtype)
     qscheme = getattr(obs, "qscheme", torch.per_tensor_affine)
-    if is_float_qdtype(dtype) and not hasattr(obs, "calculate_qparams"):
+    if is_float_qdtype(dtype) and type(obs).__name__ == "PlaceholderObserver":  # fp16 weights: a cast, no qparams
         return {"qscheme": None, "dtype": dtype}
     scale, zero_point = obs.calculate_qparams()
     out = {"qscheme": qscheme, "dtype": dtype, "scale": scale, "zero_point": zero_point}
@@ -285,6 +286,10 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
                            "(a torch.ao-prepared model must be prepared again with fxquant)")
     from .convert_mapping import float_nodes_for
 
+    if not getattr(state, "is_standalone", False):
+        # Multi-rank jobs: a local check (no collective, so converting on rank 0 alone cannot hang) that the
+        # statistics were synced across ranks since they last changed; see fxquant.distributed.
+        warn_if_unsynced(gm)
     float_nodes = float_nodes_for(state, ctx.convert_qconfig_mapping)
     for path, sub in list(gm.named_children()):
         if get_state(sub) is not None and getattr(get_state(sub), "is_standalone", False):
