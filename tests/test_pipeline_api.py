@@ -135,3 +135,66 @@ def test_scalar_add_shares_qparams_with_its_input():
     add = next(n for n in prepared.graph.nodes if n.op == "call_function" and n.target.__name__ == "add")
     obs_in, obs_out = add.args[0], next(iter(add.users))
     assert mods[obs_in.target] is mods[obs_out.target]
+
+
+def test_quantized_model_boundaries_are_refused_not_ignored():
+    model, ex = _small()
+    cfg = fxquant.PrepareCustomConfig().set_output_quantized_indexes([0])
+    with pytest.raises(NotImplementedError, match="output_quantized_indexes"):
+        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex, prepare_custom_config=cfg)
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class _ObservedDoubler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    @classmethod
+    def from_float(cls, mod):
+        assert mod.qconfig is not None
+        return cls()
+
+    def forward(self, x):
+        self.seen += 1
+        return x * 2
+
+
+class _QuantizedDoubler(nn.Module):
+    @classmethod
+    def from_observed(cls, mod):
+        out = cls()
+        out.calls_seen_while_observing = mod.seen
+        return out
+
+    def forward(self, x):
+        return x * 2
+
+
+class _WithCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.custom = _Doubler()
+
+    def forward(self, x):
+        return self.custom(self.fc(x))
+
+
+def test_custom_module_is_observed_and_swapped():
+    model, ex = _WithCustom().eval(), (torch.randn(2, 4),)
+    pcc = fxquant.PrepareCustomConfig().set_float_to_observed_mapping(_Doubler, _ObservedDoubler)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex, prepare_custom_config=pcc)
+    assert isinstance(prepared.custom, _ObservedDoubler)
+    custom = next(n for n in prepared.graph.nodes if n.target == "custom")
+    assert str(custom.args[0].target).startswith("activation_post_process")
+    assert str(next(iter(custom.users)).target).startswith("activation_post_process")
+    prepared(*ex)
+    ccc = fxquant.ConvertCustomConfig().set_observed_to_quantized_mapping(_ObservedDoubler, _QuantizedDoubler)
+    ref = fxquant.convert_to_reference_fx(prepared, convert_custom_config=ccc)
+    assert isinstance(ref.custom, _QuantizedDoubler) and ref.custom.calls_seen_while_observing == 1
+    torch.testing.assert_close(ref(*ex), model(*ex), atol=0.05, rtol=0.05)

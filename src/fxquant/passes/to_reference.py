@@ -270,6 +270,20 @@ def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str], backend_na
             delattr(gm, name)
 
 
+def _swap_custom_modules(gm: fx.GraphModule, convert_custom_config: Any) -> None:
+    """Observed custom modules -> their quantized classes (ConvertCustomConfig.set_observed_to_quantized_mapping)."""
+    mapping: dict[type, type] = {}
+    for per_type in (getattr(convert_custom_config, "observed_to_quantized_mapping", {}) or {}).values():
+        mapping.update(per_type)
+    if not mapping:
+        return
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            quantized_cls = mapping.get(type(gm.get_submodule(str(node.target))))
+            if quantized_cls is not None:
+                set_module(gm, str(node.target), quantized_cls.from_observed(gm.get_submodule(str(node.target))))
+
+
 def _remove_qconfig(gm: nn.Module) -> None:
     for mod in gm.modules():
         if "qconfig" in mod.__dict__:
@@ -295,6 +309,7 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
         if get_state(sub) is not None and getattr(get_state(sub), "is_standalone", False):
             set_module(gm, path, to_reference(sub, Context(remove_qconfig=ctx.remove_qconfig)))
     _swap_weighted(gm, state, float_nodes, ctx.keep_original_weights)
+    _swap_custom_modules(gm, ctx.convert_custom_config)
     _replace_all_observers(gm, float_nodes, getattr(state.backend_config, "name", ""))
     if ctx.remove_qconfig:
         _remove_qconfig(gm)
