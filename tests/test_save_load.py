@@ -51,7 +51,8 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
             assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "bert_encoder", "functional", "standalone"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "bert_encoder", "functional", "standalone",
+                                  "segmentation_head"])
 def test_prepared_roundtrip_is_bit_identical(name, tmp_path):
     _, prepared, example_inputs = _prepared(name)
     loaded = _roundtrip(prepared, tmp_path)

@@ -15,7 +15,8 @@ from fxquant.tools._capture import sqnr
 from fxquant.tools.compare import CompareReport, compare
 from models import MODELS
 
-BAD_LAYER = "layer2.0.conv2"  # conv2 of the first block of stage 2 (BN folded into it)
+BAD_LAYER = "layer2.0.conv1"  # conv1 + bn1 + relu of the first block of stage 2 (fused, BN folded)
+CONVERTS = pytest.mark.parametrize("convert", [convert_fx, convert_to_reference_fx], ids=["lowered", "reference"])
 
 
 def _quantize(name: str, mapping=None, convert=convert_fx):
@@ -32,6 +33,14 @@ def _quantize(name: str, mapping=None, convert=convert_fx):
 
 @pytest.fixture(scope="module")
 def resnet():
+    """The reference model (quantize -> dequantize around float ops): node names and modules as prepared."""
+    model, quantized, example_inputs = _quantize("resnet18", convert=convert_to_reference_fx)
+    return model, quantized, example_inputs, compare(model, quantized, example_inputs)
+
+
+@pytest.fixture(scope="module")
+def resnet_lowered():
+    """The lowered model (int8 kernels, fused conv + add + relu)."""
     model, quantized, example_inputs = _quantize("resnet18")
     return model, quantized, example_inputs, compare(model, quantized, example_inputs)
 
@@ -42,18 +51,27 @@ def _two_bit_mapping():
     return fxquant.get_default_qconfig_mapping("x86").set_module_name(BAD_LAYER, bad)
 
 
-def test_rows_are_sorted_worst_first_and_cover_the_quantized_layers(resnet):
-    model, quantized, _, report = resnet
-    keys = [r.sort_key for r in report]
-    assert keys == sorted(keys)
-    names = {r.node for r in report}
-    explained = {r.node for r in fxquant.explain(quantized) if r.quantized}
+def test_rows_are_sorted_worst_first_and_cover_the_quantized_layers(resnet, resnet_lowered):
+    for model, quantized, _, report in (resnet, resnet_lowered):
+        keys = [r.sort_key for r in report]
+        assert keys == sorted(keys)
+    names = {r.node for r in resnet[3]}
+    explained = {r.node for r in fxquant.explain(resnet[1]) if r.quantized}
     assert explained <= names
     assert {"conv1", "fc", "layer1_0_conv2", "add"} <= names
+    weighted = {n for n, m in resnet[0].named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
+    lowered = {r.node for r in resnet_lowered[3]}
+    assert {n.replace(".", "_") for n in weighted} == lowered  # every conv / linear kernel, by its first op
 
 
-def test_two_bit_activation_layer_comes_first():
-    model, quantized, example_inputs = _quantize("resnet18", _two_bit_mapping())
+def test_lowered_fused_kernel_is_compared_after_its_last_op(resnet_lowered):
+    row = resnet_lowered[3].row("layer1_0_conv2")  # conv2 + add + relu in one kernel
+    assert "layer1_0_relu_1" in row.note and row.act_sqnr > 25.0 and row.local_sqnr > 25.0
+
+
+@CONVERTS
+def test_two_bit_activation_layer_comes_first(convert):
+    model, quantized, example_inputs = _quantize("resnet18", _two_bit_mapping(), convert=convert)
     report = compare(model, quantized, example_inputs)
     worst = report.rows[0]
     assert worst.node == BAD_LAYER.replace(".", "_")
@@ -62,10 +80,19 @@ def test_two_bit_activation_layer_comes_first():
     assert min(others) > worst.local_sqnr + 10.0
 
 
-def test_corrupted_weight_comes_first_with_low_weight_sqnr(resnet):
-    model, quantized, example_inputs, _ = resnet
+def _lowered_module(quantized, first_op: str):
+    for node in quantized.graph.nodes:
+        if node.op == "call_module" and re.sub(r"_\d+$", "", node.name) == first_op:
+            return quantized.get_submodule(str(node.target))
+    raise AssertionError(f"no lowered module for {first_op}")
+
+
+@pytest.mark.parametrize("which", ["resnet", "resnet_lowered"])
+def test_corrupted_weight_comes_first_with_low_weight_sqnr(which, request):
+    model, quantized, example_inputs, _ = request.getfixturevalue(which)
     quantized = copy.deepcopy(quantized)
-    target = quantized.get_submodule("layer3.1.conv2")
+    target = quantized.get_submodule("layer3.1.conv2") if which == "resnet" else \
+        _lowered_module(quantized, "layer3_1_conv2")
     with torch.no_grad():
         w = target.weight_int
         w.copy_(torch.flip(w, dims=[0]))  # output channels swapped: a plausible packing bug
@@ -73,6 +100,15 @@ def test_corrupted_weight_comes_first_with_low_weight_sqnr(resnet):
     assert report.rows[0].node == "layer3_1_conv2"
     assert report.rows[0].weight_sqnr < 5.0
     assert all(r.weight_sqnr > 35.0 for r in report.rows[1:] if r.weight_sqnr is not None)
+
+
+def test_lowered_end_to_end_number_matches_direct_computation(resnet_lowered):
+    model, quantized, example_inputs, report = resnet_lowered
+    with torch.no_grad():
+        end_to_end = sqnr(model(*example_inputs), quantized(*example_inputs))
+    assert report.row("fc").act_sqnr == pytest.approx(end_to_end, abs=0.05)
+    fc = _lowered_module(quantized, "fc")
+    assert report.row("fc").weight_sqnr == sqnr(model.fc.weight.detach(), fc.float_weight())
 
 
 def test_numbers_match_direct_computation(resnet):
@@ -108,23 +144,43 @@ def test_fused_conv_bn_weights_are_compared_after_folding(resnet):
     assert row.quantized and 35.0 < row.weight_sqnr < 60.0
 
 
-def test_layer_left_in_float_says_why_and_adds_no_error():
+@CONVERTS
+def test_layer_left_in_float_says_why_and_adds_no_error(convert):
     mapping = fxquant.get_default_qconfig_mapping("x86").set_module_name("fc", None)
-    model, quantized, example_inputs = _quantize("resnet18", mapping)
+    model, quantized, example_inputs = _quantize("resnet18", mapping, convert=convert)
     row = compare(model, quantized, example_inputs).row("fc")
     assert not row.quantized and row.reason
     assert row.weight_sqnr is None and row.local_sqnr == math.inf
 
 
+@CONVERTS
 @pytest.mark.parametrize("name", ["functional", "bert_encoder", "lstm_classifier", "standalone"])
-def test_other_architectures(name):
-    model, quantized, example_inputs = _quantize(name)
+def test_other_architectures(name, convert):
+    model, quantized, example_inputs = _quantize(name, convert=convert)
     report = compare(model, quantized, example_inputs)
     quantized_rows = [r for r in report if r.quantized]
     assert quantized_rows
     assert all(r.act_sqnr is not None for r in quantized_rows)
     with_weights = [r for r in quantized_rows if r.weight_sqnr is not None]
     assert with_weights and all(20.0 < r.weight_sqnr < 80.0 for r in with_weights)
+
+
+def test_float_by_design_weights_have_no_weight_sqnr():
+    spec = MODELS["bert_encoder"]
+    mapping = spec.recipe("static_x86").build(fxquant)
+    model, quantized, example_inputs = _quantize("bert_encoder", mapping, convert=convert_to_reference_fx)
+    report = compare(model, quantized, example_inputs)
+    norm = report.row("emb_norm")  # LayerNorm: quantized activations, float weights (as in torch.ao)
+    assert norm.weight_sqnr is None and not norm.note
+    assert report.row("classifier").weight_sqnr is not None
+
+
+def test_layer_convert_forgot_to_quantize_is_flagged(resnet):
+    model, quantized, example_inputs, _ = resnet
+    quantized = copy.deepcopy(quantized)
+    quantized.fc = copy.deepcopy(model.fc)  # as if convert had left the float module in place
+    row = compare(model, quantized, example_inputs).row("fc")
+    assert row.weight_sqnr == math.inf and "did not quantize" in row.note
 
 
 def test_reference_model_compares_too():
@@ -178,3 +234,12 @@ def test_html_without_matplotlib_still_has_the_table(resnet, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     page = open(resnet[3].to_html(str(tmp_path / "r.html")), encoding="utf-8").read()
     assert "matplotlib is not installed" in page and "<table>" in page and "base64" not in page
+
+
+def test_lowered_model_without_its_lowering_record_matches_the_same_layers(resnet_lowered):
+    model, quantized, example_inputs, report = resnet_lowered
+    bare = copy.deepcopy(quantized)
+    if hasattr(bare, "_fxquant_lowering"):
+        delattr(bare, "_fxquant_lowering")  # deepcopy of a GraphModule may drop plain attributes
+    again = compare(model, bare, example_inputs)
+    assert [(r.node, r.act_sqnr) for r in again] == [(r.node, r.act_sqnr) for r in report]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-__all__ = ["snapshot", "record", "is_qdq", "output_end", "source_of", "run_node", "shadow_value", "sqnr"]
+__all__ = ["snapshot", "record", "is_qdq", "output_end", "source_of", "run_node", "shadow_value", "sqnr", "is_float_value"]
 
 _QDQ_NAMES = ("quantize_per_tensor", "quantize_per_channel", "quantize_per_token", "dequantize_per_tensor",
               "dequantize_per_channel", "dequantize_per_token")
@@ -131,6 +131,11 @@ def shadow_value(gm: fx.GraphModule, node: fx.Node, q_env: dict[str, Any], f_env
         for n in _chain(node, end):
             local[n.name] = run_node(gm, n, lambda a: local[a.name] if a.name in local else q_env[a.name])
     return local[end.name]
+
+
+def is_float_value(value: Any) -> bool:
+    """True for a float tensor or a (nested) tuple / list holding at least one: something SQNR can measure."""
+    return _flat(value) is not None
 
 
 def _flat(value: Any) -> Optional[list[torch.Tensor]]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ._safe import UnsafeReferenceError, _is_op, ref_of, resolve_ref
 
@@ -111,13 +112,13 @@ class Encoder:
             return v
         if t is float:
             return v if math.isfinite(v) else {"$": "float", "v": repr(v)}
-        if t is list:
+        if t is list or t is immutable_list:  # torch.fx stores node arguments as immutable lists / dicts
             return [self.enc(x, f"{where}[{i}]") for i, x in enumerate(v)]
         if t is tuple:
             return {"$": "tuple", "v": [self.enc(x, f"{where}[{i}]") for i, x in enumerate(v)]}
-        if t in (dict, OrderedDict):
+        if t in (dict, OrderedDict, immutable_dict):
             items = [[self.enc(k, where), self.enc(x, _child(where, k))] for k, x in v.items()]
-            return {"$": "dict" if t is dict else "odict", "v": items}
+            return {"$": "odict" if t is OrderedDict else "dict", "v": items}
         if t in (set, frozenset):
             return {"$": t.__name__, "v": [self.enc(x, where) for x in v]}
         if isinstance(v, torch.Tensor):

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from ..passes.common import get_state
 from . import _capture
+from ._lowered import LoweredView, is_lowered
 from .explain import explain
 
 __all__ = ["CompareRow", "CompareReport", "compare", "format_rows"]
@@ -131,8 +132,8 @@ def _weight_pairs(f_mod: nn.Module, q_mod: nn.Module) -> tuple[list[torch.Tensor
     """(float weights, dequantized weights) of one layer: every float parameter named like ``*weight*`` against
     the quantized module's attribute of the same name (reference modules dequantize on access) or, for lowered
     modules, ``float_weight()``."""
-    if isinstance(f_mod, nn.Sequential) and isinstance(q_mod, nn.Sequential) and len(f_mod) and len(q_mod):
-        f_mod, q_mod = f_mod[0], q_mod[0]
+    f_mod = f_mod[0] if isinstance(f_mod, nn.Sequential) and len(f_mod) else f_mod
+    q_mod = q_mod[0] if isinstance(q_mod, nn.Sequential) and len(q_mod) else q_mod
     f_ws, q_ws = [], []
     lowered = callable(getattr(q_mod, "float_weight", None))
     for name, param in f_mod.named_parameters(recurse=False):
@@ -163,11 +164,19 @@ def _submodule(gm: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
+def _has_quantized_weight(mod: nn.Module) -> bool:
+    part = mod[0] if isinstance(mod, nn.Sequential) and len(mod) else mod
+    return any(callable(getattr(part, name, None)) for name in ("get_weight", "float_weight", "get_flat_weights")) \
+        or any("_int" in name for name, _ in part.named_buffers(recurse=False))
+
+
 def _weight_sqnr(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_node: fx.Node, q_node: fx.Node,
-                 f_env: dict, q_env: dict) -> Optional[float]:
+                 f_env: dict, q_env: dict, expected: bool) -> Optional[float]:
+    """Weight SQNR of a layer whose weight is quantized, or that convert was meant to quantize (``expected``);
+    None for weights that stay float by design (LayerNorm, ...)."""
     if q_node.op == "call_module" and f_node.op == "call_module":
         f_mod, q_mod = _submodule(f_gm, str(f_node.target)), _submodule(q_gm, str(q_node.target))
-        if f_mod is None or q_mod is None:
+        if f_mod is None or q_mod is None or not (expected or _has_quantized_weight(q_mod)):
             return None
         with torch.no_grad():
             f_ws, q_ws = _weight_pairs(f_mod, q_mod)
@@ -178,7 +187,7 @@ def _weight_sqnr(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_node: fx.Node, q_
 
 
 def _row(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_node: fx.Node, q_node: fx.Node, f_env: dict, q_env: dict,
-         info: Any) -> CompareRow:
+         info: Any, state: Any) -> CompareRow:
     end = _capture.output_end(q_node)
     act = _capture.sqnr(f_env[f_node.name], q_env[end.name])
     note = ""
@@ -186,12 +195,58 @@ def _row(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_node: fx.Node, q_node: fx
         local = _capture.sqnr(f_env[f_node.name], _capture.shadow_value(q_gm, q_node, q_env, f_env))
     except Exception as exc:  # noqa: BLE001 - a layer that cannot run alone is reported, not fatal
         local, note = None, f"shadow run failed: {type(exc).__name__}: {exc}"[:120]
-    weight = _weight_sqnr(f_gm, q_gm, f_node, q_node, f_env, q_env) if info.quantized else None
+    expected = q_node.op == "call_module" and str(q_node.target) in state.weighted_modules
+    weight = _weight_sqnr(f_gm, q_gm, f_node, q_node, f_env, q_env, expected) if info.quantized else None
     if act is None and not note:
         note = "output not comparable (not a float tensor, or shapes differ)"
     if weight is not None and math.isinf(weight) and weight > 0:
-        note = note or "weight unchanged: it was not quantized"
+        note = note or "weight unchanged: convert_fx did not quantize it"
     return CompareRow(q_node.name, info.op, info.quantized, info.reason, weight, local, act, note)
+
+
+def _lowered_weight(f_gm: fx.GraphModule, q_mod: Optional[nn.Module], first: fx.Node, f_env: dict
+                    ) -> Optional[float]:
+    if q_mod is None or not _has_quantized_weight(q_mod):
+        return None
+    if first.op == "call_module":
+        f_mod = _submodule(f_gm, str(first.target))
+        f_ws, q_ws = _weight_pairs(f_mod, q_mod) if f_mod is not None else ([], [])
+        return _capture.sqnr(f_ws, q_ws) if f_ws else None
+    q_w = q_mod.float_weight() if callable(getattr(q_mod, "float_weight", None)) else None
+    for arg in list(first.args) + list(first.kwargs.values()):  # functional conv / linear: the parameter argument
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and q_w is not None and \
+                getattr(f_env.get(arg.name), "shape", None) == q_w.shape:
+            return _capture.sqnr(f_env[arg.name], q_w)
+    return None
+
+
+def _lowered_rows(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_env: dict, q_env: dict, infos: dict
+                  ) -> list[CompareRow]:
+    """Rows of a lowered model: each lowered node against the float node whose value it produces."""
+    view = LoweredView(f_gm, q_gm, q_env)
+    rows, seen = [], set()
+    for node in q_gm.graph.nodes:
+        pair = view.match(node)
+        if pair is None or pair[0].name not in infos or pair[0].name in seen:
+            continue
+        first, last = pair
+        if not _capture.is_float_value(f_env[last.name]):
+            continue
+        seen.add(first.name)
+        info, note = infos[first.name], ""
+        try:
+            test, reference = view.shadow(node, f_env, first, last)
+            local = _capture.sqnr(reference, test)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            local, note = None, f"shadow run failed: {type(exc).__name__}: {exc}"[:120]
+        q_mod = _submodule(q_gm, str(node.target)) if node.op == "call_module" else None
+        with torch.no_grad():
+            weight = _lowered_weight(f_gm, q_mod, first, f_env) if info.quantized else None
+        if last is not first:
+            note = note or f"fused kernel: output compared after {last.name}"
+        rows.append(CompareRow(first.name, info.op, info.quantized, info.reason, weight, local,
+                               _capture.sqnr(f_env[last.name], view.value(node)), note))
+    return rows
 
 
 def _check_inputs(example_inputs: Any) -> tuple:
@@ -220,8 +275,12 @@ def compare(float_model: nn.Module, quantized_model: nn.Module, example_inputs: 
     q_env = _capture.record(quantized_model, inputs)
     infos = {r.node: r for r in explain(quantized_model)}
     f_nodes = {n.name: n for n in f_gm.graph.nodes}
-    rows = [_row(f_gm, quantized_model, f_nodes[n.name], n, f_env, q_env, infos[n.name])
-            for n in quantized_model.graph.nodes if n.name in infos and n.name in f_nodes]
+    if is_lowered(quantized_model):
+        rows = _lowered_rows(f_gm, quantized_model, f_env, q_env, infos)
+    else:
+        rows = [_row(f_gm, quantized_model, f_nodes[n.name], n, f_env, q_env, infos[n.name], state)
+                for n in quantized_model.graph.nodes
+                if n.name in infos and n.name in f_nodes and _capture.is_float_value(f_env[n.name])]
     rows.sort(key=lambda r: r.sort_key)
     return CompareReport(rows, meta={"model": type(float_model).__name__, "inputs": _describe(inputs)})
 
