@@ -18,6 +18,11 @@ share is compared; each row holds
 
 Rows are sorted by ``local_sqnr`` (then ``act_sqnr``), lowest (worst) first. SQNR is
 ``10 log10(sum(float^2) / sum((float - quantized)^2))`` in dB; ``inf`` means exact.
+
+Lowered models (int8 kernels from convert_fx) are matched through the lowering record: a kernel that runs
+conv + add + relu gets one row, named after its first op, compared after its last. Such a kernel takes integers,
+so its local run gets the float model's inputs quantized as its producers quantize them, and the float side is run
+on the same (dequantized) inputs: local SQNR still measures only the layer's own error.
 """
 from __future__ import annotations
 
