@@ -29,10 +29,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import fx, nn
+from tqdm.auto import tqdm
 
 from ..passes.common import get_state
 from . import _capture
@@ -225,12 +226,12 @@ def _lowered_weight(f_gm: fx.GraphModule, q_mod: Optional[nn.Module], first: fx.
     return None
 
 
-def _lowered_rows(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_env: dict, q_env: dict, infos: dict
-                  ) -> list[CompareRow]:
+def _lowered_rows(f_gm: fx.GraphModule, q_gm: fx.GraphModule, f_env: dict, q_env: dict, infos: dict,
+                  nodes: Iterable[fx.Node]) -> list[CompareRow]:
     """Rows of a lowered model: each lowered node against the float node whose value it produces."""
     view = LoweredView(f_gm, q_gm, q_env)
     rows, seen = [], set()
-    for node in q_gm.graph.nodes:
+    for node in nodes:
         pair = view.match(node)
         if pair is None or pair[0].name not in infos or pair[0].name in seen:
             continue
@@ -263,12 +264,13 @@ def _check_inputs(example_inputs: Any) -> tuple:
     return example_inputs
 
 
-def compare(float_model: nn.Module, quantized_model: nn.Module, example_inputs: tuple) -> CompareReport:
+def compare(float_model: nn.Module, quantized_model: nn.Module, example_inputs: tuple,
+            progress: bool = False) -> CompareReport:
     """Compare ``quantized_model`` (from convert_fx / convert_to_reference_fx) with ``float_model`` layer by layer.
 
     ``float_model`` is the model that was given to prepare_fx (it is copied, not changed); ``example_inputs`` a
-    tuple of positional inputs (a representative batch: SQNR is measured over it). Returns a
-    :class:`CompareReport`, worst layer first.
+    tuple of positional inputs (a representative batch: SQNR is measured over it); ``progress`` shows a progress
+    bar over the layers. Returns a :class:`CompareReport`, worst layer first.
     """
     state = get_state(quantized_model)
     if state is None or not isinstance(quantized_model, fx.GraphModule):
@@ -280,12 +282,12 @@ def compare(float_model: nn.Module, quantized_model: nn.Module, example_inputs: 
     q_env = _capture.record(quantized_model, inputs)
     infos = {r.node: r for r in explain(quantized_model)}
     f_nodes = {n.name: n for n in f_gm.graph.nodes}
+    nodes = tqdm(list(quantized_model.graph.nodes), desc="compare", unit="node", disable=not progress)
     if is_lowered(quantized_model):
-        rows = _lowered_rows(f_gm, quantized_model, f_env, q_env, infos)
+        rows = _lowered_rows(f_gm, quantized_model, f_env, q_env, infos, nodes)
     else:
         rows = [_row(f_gm, quantized_model, f_nodes[n.name], n, f_env, q_env, infos[n.name], state)
-                for n in quantized_model.graph.nodes
-                if n.name in infos and n.name in f_nodes and _capture.is_float_value(f_env[n.name])]
+                for n in nodes if n.name in infos and n.name in f_nodes and _capture.is_float_value(f_env[n.name])]
     rows.sort(key=lambda r: r.sort_key)
     return CompareReport(rows, meta={"model": type(float_model).__name__, "inputs": _describe(inputs)})
 

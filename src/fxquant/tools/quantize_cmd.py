@@ -124,7 +124,7 @@ def run_quantize(opts: QuantizeOptions) -> nn.Module:
         _step("save", lambda: save(quantized, opts.out))
         print(f"saved {opts.out}")
     if opts.report:
-        report = _step("compare", lambda: compare(model, quantized, batches[0]))
+        report = _step("compare", lambda: compare(model, quantized, batches[0], progress=opts.progress))
         print(report.table(limit=10))
         report.to_html(opts.report)
         print(f"report {opts.report}")
