@@ -224,6 +224,9 @@ def test_bad_arguments(resnet):
         compare(model, model, example_inputs)
     with pytest.raises(TypeError, match="tuple"):
         compare(model, quantized, [example_inputs[0]])
+    prepared = prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping("x86"), example_inputs)
+    with pytest.raises(ValueError, match="still has observers"):
+        compare(model, prepared, example_inputs)
     with pytest.raises(KeyError, match="no row"):
         resnet[3].row("nope")
 

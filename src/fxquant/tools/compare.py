@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..passes.common import get_state
+from ..passes.common import get_state, is_observer
 from . import _capture
 from ._lowered import LoweredView, is_lowered
 from .explain import explain
@@ -276,6 +276,9 @@ def compare(float_model: nn.Module, quantized_model: nn.Module, example_inputs: 
     if state is None or not isinstance(quantized_model, fx.GraphModule):
         raise ValueError(f"compare() needs the model returned by fxquant's convert_fx / convert_to_reference_fx "
                          f"(got {type(quantized_model).__name__} without fxquant's prepare state)")
+    if any(is_observer(m) for m in quantized_model.modules()):
+        raise ValueError("compare() needs the converted model, but this one still has observers (a prepared model): "
+                         "calibrate it, then pass convert_fx(prepared)")
     inputs = _check_inputs(example_inputs)
     f_gm = _fused_float(float_model, state)
     f_env = _capture.record(f_gm, inputs)

@@ -171,7 +171,9 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, epochs: 
     _, t_calibrate = _timed(calibrate)
     quantized, t_convert = _timed(lambda: convert_fx(prepared))  # type: ignore[arg-type]
     repeats = 5 if quick else 50
-    lat = {b: median_latencies([model, quantized], x_test[:b], repeats) for b in (1, 64)}  # type: ignore[list-item]
+    budget = 0.5 if quick else 2.0
+    lat = {b: median_latencies([model, quantized], x_test[:b], repeats, budget)  # type: ignore[list-item]
+           for b in (1, 64)}
     lat_f, lat_q = {b: v[0] for b, v in lat.items()}, {b: v[1] for b, v in lat.items()}
     return DemoResult(accuracy(model, x_test, y_test), accuracy(quantized, x_test, y_test),  # type: ignore[arg-type]
                       state_bytes(model), state_bytes(quantized), lat_f, lat_q, t_train, t_prepare,  # type: ignore
