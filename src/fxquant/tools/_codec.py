@@ -225,6 +225,7 @@ class Decoder:
         self._graph_module_hook = graph_module_hook
 
     def dec(self, v: Any) -> Any:
+        """The value a JSON tree stands for; :class:`FormatError` for anything malformed."""
         if v is None or isinstance(v, (bool, str, int, float)):
             return v
         if isinstance(v, list):
@@ -244,6 +245,7 @@ class Decoder:
         self._built[index] = obj
 
     def tensor(self, v: dict[str, Any]) -> torch.Tensor:
+        """Tensor ``i`` of the table (one Parameter object per index, so tied weights stay tied)."""
         t = self.tensors[v["i"]]
         if v["$"] == "p":
             if v["i"] not in self._params:
@@ -252,6 +254,7 @@ class Decoder:
         return t.requires_grad_(True) if v.get("g") and t.is_floating_point() else t
 
     def obj(self, index: int) -> Any:
+        """Object ``index`` of the table, built on first use."""
         if index in self._built:
             return self._built[index]
         entry = self.objects[index]
