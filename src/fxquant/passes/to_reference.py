@@ -92,7 +92,7 @@ def _static(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> f
     s_name, z_name = b.qparams(obs, src.name)
     per_channel = _is_per_channel(obs)
     if src.op == "get_attr":  # a constant (weight): quantize now, keep only the dequantize
-        value = getattr(b.gm, str(src.target)) if "." not in str(src.target) else b.gm.get_parameter(str(src.target))
+        value = _fetch_attr(b.gm, str(src.target))  # a parameter, a buffer or a plain tensor attribute
         scale, zp = getattr(b.gm, s_name), getattr(b.gm, z_name)
         q = (ops.quantize_per_channel(value.detach(), scale, zp, obs.ch_axis, qmin, qmax, dtype) if per_channel
              else ops.quantize_per_tensor(value.detach(), scale, zp, qmin, qmax, dtype))
@@ -108,6 +108,14 @@ def _static(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> f
     # narrower range (x86 reduce_range: 0..127), which kernels without VNNI need to stay exact.
     qnode.meta[OBSERVED_RANGE] = (getattr(obs, "quant_min", qmin), getattr(obs, "quant_max", qmax))
     return _dequant(b, qnode, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
+
+
+def _fetch_attr(root: nn.Module, target: str) -> torch.Tensor:
+    """The value a ``get_attr`` node reads (dotted path)."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _dequant(b: _Builder, q: fx.Node, s_name: str, z_name: str, qmin: int, qmax: int, dtype: torch.dtype,
@@ -190,6 +198,8 @@ def _observe_weights(part: nn.Module, qconfig: Any) -> dict[str, Any]:
 
 def _has_statistics(fake_quant: nn.Module) -> bool:
     """False for a fake quant whose observer never saw data (``min_val`` still empty or infinite)."""
+    if isinstance(getattr(fake_quant, "scale", None), nn.Parameter):
+        return True  # learned qparams (LearnableFakeQuantize): the parameters are the statistics
     min_val = getattr(getattr(fake_quant, "activation_post_process", None), "min_val", None)
     if not isinstance(min_val, torch.Tensor):
         return True  # no min / max statistics to inspect (learnable scales, custom fake quants): trust it

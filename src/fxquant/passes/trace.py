@@ -5,10 +5,13 @@ Before::  MyNet(nn.Module)              After::  GraphModule with call_module no
 Every node gets ``node.meta["fxquant_scope"] = (module_path, module_type)`` — the module whose forward created it
 (used to resolve qconfigs of functions), and, when example inputs are given, ``node.meta["fxquant_value"]``
 describing its run-time value (tensor or not, floating or not) so that observers go only where float tensors flow.
-A model that cannot be traced raises :class:`TraceFailure` naming the module path, the source line and the fix.
+A model that cannot be traced raises :class:`TraceFailure` naming the module path, the source line, the likely cause
+and the fix. A model torch.fx cannot trace as it comes can be traced by the user (any tracer) and given as a
+GraphModule: the modules its graph calls stay leaves.
 """
 from __future__ import annotations
 
+import inspect
 import linecache
 import traceback
 import warnings
@@ -70,6 +73,47 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     return None
 
 
+# what a torch.fx error means, by a fragment of its message (the first fragment found wins)
+_WHY: tuple[tuple[str, str], ...] = (
+    ("co_varnames is too small", "torch.fx cannot bind the inputs of a forward wrapped by a decorator that takes "
+                                 "*args / **kwargs"),
+    ("inputs to control flow", "Python control flow (if / while / assert / bool()) depends on a traced value: a "
+                               "tensor's data, or its shape or dtype compared in Python"),
+    ("cannot be iterated", "a traced value is unpacked or iterated in Python (`*x.shape`, `for t in x`, f(*x))"),
+    ("slice indices must be integers", "a traced value (usually a size such as `x.shape[1]`) is used where Python "
+                                       "needs a plain int (slicing, range(), indexing a list)"),
+    ("__index__", "a traced value (usually a size such as `x.shape[1]`) is used where Python needs a plain int"),
+    ("does not support item assignment", "a traced value is assigned into like a dict or list"),
+)
+
+
+def _misbound_root_forward(root: nn.Module) -> str:
+    """torch.fx binds the root's inputs by the innermost signature of a decorated forward and calls the wrapper with
+    them positionally: wrong when that signature has *args, **kwargs or keyword-only parameters. Names it, or ''."""
+    fwd = getattr(type(root), "forward", None)
+    inner = inspect.unwrap(fwd) if callable(fwd) else fwd
+    code = getattr(inner, "__code__", None)
+    if inner is fwd or code is None:
+        return ""
+    if not (code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) or code.co_kwonlyargcount):
+        return ""
+    wrapper = getattr(fwd, "__code__", None)
+    where = f"{getattr(fwd, '__globals__', {}).get('__name__', '?')}.{getattr(wrapper, 'co_qualname', '?')}"
+    return (f"{type(root).__name__}.forward is wrapped by a decorator ({where}), and torch.fx passes the inputs of "
+            f"a decorated forward with *args / **kwargs to the wrapper wrongly")
+
+
+def _fix(path: str, cls: type, decorated: bool) -> str:
+    if path:
+        return (f"Fix: mark it non-traceable, e.g. PrepareCustomConfig().set_non_traceable_module_names([{path!r}]) "
+                f"or .set_non_traceable_module_classes([{cls.__name__}]) — it then runs in float, unquantized")
+    if decorated:
+        return ("Fix: wrap the model in a module whose forward names its inputs, e.g. `def forward(self, x): "
+                "return self.model(x)`, and prepare the wrapper")
+    return ("Fix: make the top-level forward traceable (no Python control flow on traced values), or move the "
+            "untraceable part into a submodule and mark it non-traceable")
+
+
 def _explain_failure(exc: Exception, tracer: QuantizationTracer, root: nn.Module) -> TraceFailure:
     stack = tracer.failure_stack or tracer.path_stack
     path, cls = stack[-1] if stack else ("", type(root))
@@ -78,13 +122,13 @@ def _explain_failure(exc: Exception, tracer: QuantizationTracer, root: nn.Module
     if frame is not None:
         line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         where = f" at {frame.filename}:{frame.lineno}: `{line}`"
-    name = path or "<root>"
-    fix = (f"Fix: mark it non-traceable, e.g. PrepareCustomConfig().set_non_traceable_module_names([{path!r}]) "
-           f"or .set_non_traceable_module_classes([{cls.__name__}]) — it then runs in float, unquantized."
-           if path else "Fix: make the top-level forward traceable (no data-dependent control flow on tensors), "
-                        "or move the untraceable part into a submodule and mark it non-traceable.")
-    return TraceFailure(f"torch.fx cannot trace module '{name}' ({cls.__name__}){where}: "
-                        f"{type(exc).__name__}: {exc}\n{fix}")
+    decorated = "" if path else _misbound_root_forward(root)
+    why = decorated or next((why for fragment, why in _WHY if fragment in str(exc)), "")
+    alt = ("; or trace the model yourself (torch.fx.Tracer with concrete_args, custom leaf modules, a library's "
+           "own FX tracer) and give prepare_fx the GraphModule: modules it calls stay leaves.")
+    return TraceFailure(f"torch.fx cannot trace module '{path or '<root>'}' ({cls.__name__}){where}: "
+                        f"{type(exc).__name__}: {exc}\n" + (f"Why: {why}.\n" if why else "")
+                        + _fix(path, cls, bool(decorated)) + alt)
 
 
 def _custom_config_lists(ctx: Context) -> tuple[list[str], list[type]]:
@@ -100,9 +144,17 @@ def _custom_config_lists(ctx: Context) -> tuple[list[str], list[type]]:
     return names, classes
 
 
+def _graph_leaves(model: nn.Module) -> list[str]:
+    """The modules a given GraphModule calls: they stay leaves, whatever tracer made it (custom leaf modules)."""
+    if not isinstance(model, fx.GraphModule):
+        return []
+    return [str(n.target) for n in model.graph.nodes if n.op == "call_module"]
+
+
 def symbolic_trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
     """Trace ``model`` with :class:`QuantizationTracer`; clear errors on failure."""
     names, classes = _custom_config_lists(ctx)
+    names += _graph_leaves(model)
     tracer = QuantizationTracer(names, classes)
     try:
         graph = tracer.trace(model)
@@ -164,7 +216,8 @@ def annotate_values(gm: fx.GraphModule, example_inputs: tuple) -> None:
 
 @register_pass("trace")
 def trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
-    """Trace ``model`` (a GraphModule is re-traced so its leaves follow fxquant's rules)."""
+    """Trace ``model``. A GraphModule (traced by any tracer) is re-traced through its generated code; the modules
+    it calls stay leaves."""
     gm = symbolic_trace(model, ctx)
     _copy_preserved_attributes(model, gm, ctx)
     annotate_values(gm, tuple(ctx.example_inputs or ()))
