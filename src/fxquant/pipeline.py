@@ -34,7 +34,7 @@ PREPARE_QAT = ("trace", "fuse", "assign_qconfig", "qat_swap", "special_modules",
                "record_state", "verify_prepared")
 REFERENCE = ("to_reference", "verify_reference")
 # convert_fx; lowering passes join this tuple as they land (see passes/lower*.py)
-CONVERT = ("to_reference", "verify_reference")
+CONVERT = ("to_reference", "verify_reference", "lower", "cleanup", "verify_lowered")
 
 
 @dataclass

@@ -12,8 +12,8 @@ import dataclasses
 
 import torch
 
-__all__ = ["ActQParams", "pack_linear", "pack_conv", "linear", "conv", "split_halves", "UNARY", "BINARY",
-           "CONV_FUSED"]
+__all__ = ["ActQParams", "pack_linear", "pack_conv", "linear", "conv", "split_halves", "unary_with_clamp", "UNARY",
+           "BINARY", "CONV_FUSED"]
 
 _OPS = torch.ops.onednn
 
@@ -96,3 +96,17 @@ def split_halves(qx: torch.Tensor, x: ActQParams) -> tuple[tuple[torch.Tensor, A
     hi = ActQParams(2.0 * x.scale, x.zero_point // 2)
     lo = ActQParams(x.scale, x.zero_point % 2)
     return (torch.bitwise_right_shift(qx, 1), hi), (torch.bitwise_and(qx, 1), lo)
+
+
+def unary_with_clamp(post_op: str, clamp: tuple[int, int] | None, out_scale: float,
+                     out_zero_point: int) -> tuple[str, list[float], str, tuple[int, int] | None]:
+    """``(attr, scalars, algorithm, clamp left to do)`` for a unary post-op followed by a clamp of the integer output.
+
+    A clamp to ``[lo, hi]`` after quantizing equals a ``hardtanh`` to ``[dequant(lo), dequant(hi)]`` before it
+    (quantization is monotonic), so ``none`` / ``relu`` with a clamp become one fused ``hardtanh``.
+    """
+    attr, algo = UNARY[post_op]
+    if clamp is None or post_op not in ("none", "relu"):
+        return attr, [], algo, clamp
+    lo, hi = ((v - out_zero_point) * out_scale for v in clamp)
+    return "hardtanh", [max(lo, 0.0) if post_op == "relu" else lo, hi], "", None

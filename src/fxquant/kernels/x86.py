@@ -16,6 +16,8 @@ weight-only linear         dequantize per call 0.05-0.4x, aten._weight_int8pack_
 conv2d 3x3 / 1x1 (7-bit)   onednn 1.1-9x (channels-last); float path 0.6-1.3x
 conv2d, full-range input   split: 1x1 2.5x, 3x3 0.6-0.9x (float path 0.6-0.9x) -> split only for 1x1 convs
 depthwise conv2d           onednn 0.66-1.26x, float path 0.41x -> onednn
+embedding / embedding bag  gather + dequantize rows: 3-6 aten ops per call vs 1 for fp32 -> a cached float table
+                           (exact: the same dequantization) while it fits max_table_bytes
 =========================  =========================================================================================
 
 (1 thread, medians of interleaved rounds; the machine was shared, so ratios moved by up to 2x between runs.)
@@ -79,6 +81,7 @@ class Facts:
     macs: int = 0  # multiply-accumulates of one call
     fused_ok: bool = True  # onednn fuses the module's post-op for this op / rank
     compiling: bool = False  # torch.export / torch.compile tracing: plain aten ops only
+    table_bytes: int = 0  # embedding: size of the table in float32
 
 
 CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
@@ -92,6 +95,7 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "fused_ok": lambda f, v: f.fused_ok == v,
     "avx512": lambda f, v: cpu_has_avx512() == v,
     "compiling": lambda f, v: f.compiling == v,
+    "max_table_bytes": lambda f, v: f.table_bytes <= v,
 }
 
 
@@ -125,6 +129,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "linear_weight_only": (
         Rule("int8pack_mm", {"device": "cpu", "compiling": False, "avx512": True}),
         Rule("float"),
+    ),
+    # embedding lookups: a cached float table is fp32's own kernel (one gather, no dequantize per call); it costs
+    # 4x the int8 table's memory, so only below max_table_bytes; else gather int8 rows and dequantize them
+    "embedding": (
+        Rule("cached_float", {"compiling": False, "max_table_bytes": 64 * 2**20}),
+        Rule("gather"),
     ),
 }
 

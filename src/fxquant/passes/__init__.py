@@ -1,3 +1,4 @@
 """fxquant's graph passes, one per file; importing this package registers them all."""
 from . import (annotate, assign_qconfig, fuse, observe, qat_swap, record_state, share,  # noqa: F401
                special_modules, to_reference, trace, verify)
+from . import lower, lower_cleanup  # noqa: F401,E402  (convert_fx's lowering: lower, cleanup, verify_lowered)

@@ -64,6 +64,11 @@ class _QuantizedConvNd(QuantizedModuleBase):
         return mod
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # eager: the kernel chosen for this batch size, with every argument bound
+            run = self._kernel_cache.get((x.shape[0], x.is_cpu))
+            if run is not None:
+                return run(x, other)  # type: ignore[no-any-return]
         if x.dim() != self._SPATIAL + 2:
             raise ValueError(f"{self._get_name()}: expected a {self._SPATIAL + 2}-d (batched) quantized input, "
                              f"got shape {tuple(x.shape)}")
@@ -71,9 +76,13 @@ class _QuantizedConvNd(QuantizedModuleBase):
                           input_7bit=self.input_spec.quant_max <= 127,
                           depthwise=self.groups > 1 and self.groups == self.in_channels,
                           pointwise=all(k == 1 for k in self.kernel_size),
-                          fused_ok=self.post_op in onednn.CONV_FUSED[self._SPATIAL],
-                          compiling=torch.compiler.is_compiling())
-        return _KERNELS[x86.choose(self._OP, facts)](self, x, self._other(other))
+                          fused_ok=self.post_op in onednn.CONV_FUSED[self._SPATIAL], compiling=compiling)
+        kernel = x86.choose(self._OP, facts)
+        if compiling:
+            return _KERNELS[kernel](self, x, self._other(other))
+        run = _PLANS[kernel](self, kernel) if kernel in _PLANS else _generic_plan(self, kernel)
+        self._kernel_cache[(x.shape[0], x.is_cpu)] = run
+        return run(x, other)  # type: ignore[no-any-return]
 
     def _conv_onednn_ok(self) -> bool:
         plain = not self._TRANSPOSED and self.padding_mode == "zeros" and not isinstance(self.padding, str)
@@ -150,6 +159,49 @@ def _unfused_kernel(mod: _QuantizedConvNd, x: torch.Tensor, other: Any, split: b
 _KERNELS: dict[str, Callable[[_QuantizedConvNd, torch.Tensor, Any], torch.Tensor]] = {
     "float": _float_kernel, "onednn": _onednn_kernel, "onednn_unfused": _unfused_kernel,
     "onednn_split": lambda mod, x, other: _unfused_kernel(mod, x, other, split=True)}
+
+
+Plan = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def _generic_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
+    fn = _KERNELS[kernel]
+    return lambda x, other: fn(mod, x, mod._other(other))
+
+
+def _onednn_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
+    """The onednn call with every argument but the activations bound (no per-call Python work)."""
+    packed, w_scale, w_zp = mod._packed()
+    xq, out, oth = mod._act()
+    stride, padding, dilation, groups = mod._geometry()
+    out_scale, out_zp = (1.0, 0) if out.dtype in (torch.float32, torch.bfloat16) else (out.scale, out.zero_point)
+    spec, bias = mod.output_spec, mod.bias
+    clamp = None if spec.dtype.is_floating_point or (spec.quant_min, spec.quant_max) == (0, 255) else \
+        (spec.quant_min, spec.quant_max)
+    if mod.post_op in onednn.BINARY:
+        binary, unary = torch.ops.onednn.qconv2d_pointwise.binary, onednn.BINARY[mod.post_op]
+        assert oth is not None
+        accum_scale, accum_zp = oth.scale, oth.zero_point
+
+        def run(x: torch.Tensor, other: Any) -> torch.Tensor:
+            if other is None:
+                mod._other(other)  # raises the explanatory error
+            accum = other.clone(memory_format=torch.channels_last)  # onednn adds into its accumulator in place
+            y = binary(x, xq.scale, xq.zero_point, packed, w_scale, w_zp, accum, bias, stride, padding, dilation,
+                       groups, out_scale, out_zp, out.dtype, accum_scale, accum_zp, "sum", 1.0, unary, [], None)
+            return y if clamp is None else y.clamp_(*clamp)
+        return run
+    op = torch.ops.onednn.qconv_pointwise.default
+    attr, scalars, algo, clamp = onednn.unary_with_clamp(mod.post_op, clamp, out_scale, out_zp)
+
+    def run_unary(x: torch.Tensor, other: Any) -> torch.Tensor:
+        y = op(x, xq.scale, xq.zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation, groups,
+               out_scale, out_zp, out.dtype, attr, scalars, algo or None)
+        return y if clamp is None else y.clamp_(*clamp)
+    return run_unary
+
+
+_PLANS: dict[str, Callable[[_QuantizedConvNd, str], Plan]] = {"onednn": _onednn_plan}
 
 
 class Conv1d(_QuantizedConvNd):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant.kernels import x86
+
 __all__ = ["Embedding", "EmbeddingBag"]
 
 
@@ -53,6 +55,23 @@ class _QuantizedEmbeddingBase(nn.Module):
         spec = getattr(ref, "_weight_specs", {}).get("weight")
         return 4 if spec is not None and spec.dtype == torch.uint8 and spec.quant_max == 15 else 8
 
+    def float_table(self) -> torch.Tensor | None:
+        """The whole dequantized table, cached, when the kernel rules pick that (small tables, eager mode)."""
+        if torch.compiler.is_compiling():
+            return None
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if "table" not in cache:
+            facts = x86.Facts(device=self.weight_packed.device.type,
+                              table_bytes=4 * self.num_embeddings * self.embedding_dim)
+            cache["table"] = self.rows(torch.arange(self.num_embeddings, device=self.weight_packed.device)) \
+                if x86.choose("embedding", facts) == "cached_float" else None
+        return cache["table"]  # type: ignore[no-any-return]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = {}
+        return state
+
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Dequantized rows for ``indices`` (any shape) -> ``indices.shape + (embedding_dim,)``."""
         flat = indices.reshape(-1)
@@ -75,6 +94,7 @@ class _QuantizedEmbeddingBase(nn.Module):
             if isinstance(saved, torch.Tensor) and current is not None and (saved.shape != current.shape
                                                                             or saved.dtype != current.dtype):
                 self._buffers[name] = torch.empty_like(saved)
+        self.__dict__["_kernel_cache"] = {}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
@@ -101,7 +121,8 @@ class Embedding(_QuantizedEmbeddingBase):
         return mod
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.rows(indices)
+        table = self.float_table()
+        return self.rows(indices) if table is None else F.embedding(indices, table)
 
 
 class EmbeddingBag(_QuantizedEmbeddingBase):
@@ -125,6 +146,10 @@ class EmbeddingBag(_QuantizedEmbeddingBase):
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        table = self.float_table()
+        if table is not None:
+            return F.embedding_bag(input, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                                   include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
         rows = self.rows(input)
         n = input.numel()
         table = rows.reshape(n, self.embedding_dim)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import onednn, portable, x86
+from fxquant.kernels import dynamic, onednn, portable, uint8, x86
 from fxquant.nn.quantized._base import QuantizedModuleBase, act_spec
 from fxquant.nn.quantized._lowering import dynamic_qparams, from_reference_args, reference_weight
 
@@ -56,10 +56,22 @@ class Linear(QuantizedModuleBase):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // max(self.in_features, 1)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # eager: the kernel chosen for this many rows, with every argument bound
+            run = self._kernel_cache.get((rows, x.is_cpu))
+            if run is not None:
+                return run(x, other)  # type: ignore[no-any-return]
         facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
                           onednn_ok=self._onednn_ok(), input_7bit=self.input_spec.quant_max <= 127,
-                          compiling=torch.compiler.is_compiling())
-        return _STATIC_KERNELS[x86.choose("linear", facts)](self, x, self._other(other), self._act)
+                          compiling=compiling)
+        kernel = x86.choose("linear", facts)
+        if compiling:
+            return _STATIC_KERNELS[kernel](self, x, self._other(other), self._act)
+        plan = _PLANS.get(kernel) if self.post_op in _PLANNED_POST_OPS else None
+        run = plan(self) if plan is not None else \
+            (lambda x, other, fn=_STATIC_KERNELS[kernel]: fn(self, x, self._other(other), self._act))
+        self._kernel_cache[(rows, x.is_cpu)] = run
+        return run(x, other)  # type: ignore[no-any-return]
 
     def _act(self) -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
         def build() -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
@@ -103,6 +115,55 @@ def _onednn_kernel(mod: Linear, x: torch.Tensor, other: Any, acts: _Acts) -> tor
     y = onednn.linear(x.reshape(-1, mod.in_features).contiguous(), xq, packed, w_scale, w_zp, mod.bias, out,
                       mod.post_op, acc)
     return _clamp_to_range(y, mod).reshape(*lead, mod.out_features)
+
+
+def _onednn_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``qlinear_pointwise`` with every argument but the activations bound."""
+    packed = mod._cached("onednn_linear", lambda: onednn.pack_linear(mod.weight_int))
+    w_scale = mod._cached("w_scale", lambda: mod._weight_scale_per_channel(mod.out_features))
+    w_zp = mod._cached("w_zp", lambda: torch.zeros(mod.out_features, dtype=torch.long))
+    xq, out, _ = mod._act()
+    out_scale, out_zp = (1.0, 0) if out.dtype in (torch.float32, torch.bfloat16) else (out.scale, out.zero_point)
+    op, bias, k, n = torch.ops.onednn.qlinear_pointwise.default, mod.bias, mod.in_features, mod.out_features
+    spec = mod.output_spec
+    clamp = None if spec.dtype.is_floating_point or (spec.quant_min, spec.quant_max) == (0, 255) else \
+        (spec.quant_min, spec.quant_max)
+    attr, scalars, algo, clamp = onednn.unary_with_clamp(mod.post_op, clamp, out_scale, out_zp)
+
+    def run(x: torch.Tensor, other: Any) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)
+        y = op(x2 if x2.is_contiguous() else x2.contiguous(), xq.scale, xq.zero_point, packed, w_scale, w_zp, bias,
+               out_scale, out_zp, out.dtype, attr, scalars, algo)
+        y = y if clamp is None else y.clamp_(*clamp)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+    return run
+
+
+def _float_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The float kernel with the input qparams folded into the weight and bias, and for integer outputs the
+    output qparams too: ``clamp(F.linear(q.float(), W * s_in / s_out, b'))`` -- four aten ops in all.
+
+    ``F.linear((q - zp) * s, W, b) / s_out + zp_out == F.linear(q, W * s / s_out, (b - zp * s * W.sum(1)) / s_out
+    + zp_out)``; relu becomes the lower clamp at ``zp_out``.
+    """
+    s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
+    w = mod.float_weight() * s_in
+    b = -zp_in * w.sum(1) + (0.0 if mod.bias is None else mod.bias)
+    spec = mod.output_spec
+    if spec.dtype.is_floating_point:
+        post = portable.UNARY_POST_OPS[mod.post_op]
+        return lambda x, other: post(F.linear(x.to(torch.float32), w, b))
+    inv = 1.0 / float(mod.output_scale)
+    zp_out = int(mod.output_zero_point)
+    w, b = w * inv, b * inv + (zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
+    return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, spec.quant_max, spec.dtype,
+                                         exact=False)
+
+
+_PLANS: dict[str, Callable[[Linear], Callable[[torch.Tensor, Any], torch.Tensor]]] = {
+    "onednn": _onednn_plan, "float": _float_plan}
+_PLANNED_POST_OPS = frozenset({"none", "relu"})
 
 
 def _split_kernel(mod: Linear, x: torch.Tensor, other: Any, acts: _Acts) -> torch.Tensor:
@@ -149,6 +210,8 @@ class LinearDynamic(Linear):
         return mod
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.granularity == "per_tensor" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return self._forward_eager(x)
         scale, zp = dynamic_qparams(x, self.input_spec, self.granularity)
         spec = self.input_spec
         qx = portable.quantize(x, scale, zp, portable.OutSpec(spec.dtype, spec.quant_min, spec.quant_max))
@@ -162,6 +225,25 @@ class LinearDynamic(Linear):
             return portable.UNARY_POST_OPS[self.post_op](y)
         acts = (onednn.ActQParams(float(scale), int(zp)), onednn.ActQParams(1.0, 0, torch.float32), None)
         return _STATIC_KERNELS[kernel](self, qx, None, lambda: acts)  # post-op fused or applied by finish
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-tensor qparams in Python numbers (:mod:`fxquant.kernels.dynamic`), then the chosen kernel."""
+        spec, rows = self.input_spec, x.numel() // max(self.in_features, 1)
+        kernel = self._kernel_cache.get(("dynamic", rows))
+        if kernel is None:
+            facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
+                              onednn_ok=self._onednn_ok(), input_7bit=spec.quant_max <= 127)
+            kernel = self._kernel_cache[("dynamic", rows)] = x86.choose("linear_dynamic", facts)
+        lo, hi = torch.aminmax(x.detach())
+        scale, zp = dynamic.affine_qparams(float(lo), float(hi), spec.quant_min, spec.quant_max)
+        if kernel == "float":
+            y = F.linear(dynamic.fake_quantize(x, scale, zp, spec.quant_min, spec.quant_max), self.float_weight(),
+                         self.bias)
+            return portable.UNARY_POST_OPS[self.post_op](y)
+        bias = uint8.offset(zp + uint8.rounding_bias(spec.dtype, exact=False))
+        qx = uint8.quantize(x, 1.0 / scale, bias, spec.quant_min, spec.quant_max, spec.dtype)
+        acts = (onednn.ActQParams(scale, zp), onednn.ActQParams(1.0, 0, torch.float32), None)
+        return _STATIC_KERNELS[kernel](self, qx, None, lambda: acts)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "granularity": self.granularity}

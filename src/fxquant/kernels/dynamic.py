@@ -1,0 +1,38 @@
+"""Run-time (dynamic) activation quantization in Python numbers plus one or two aten ops.
+
+``affine_qparams`` reproduces :func:`fxquant.qparams.compute_qparams` for one affine per-tensor range in float32
+arithmetic (emulated exactly with Python floats: every float32 operation is a float64 operation rounded once), so a
+lowered dynamic linear picks the reference graph's scale and zero point without a dozen tiny tensor ops.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+
+__all__ = ["affine_qparams", "fake_quantize", "f32"]
+
+_EPS32 = float(torch.finfo(torch.float32).eps)
+_FUSED_MAX_NUMEL = 4096  # aten's fake_quantize_per_tensor_affine is one op but scalar code: best for small tensors
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", value))[0]  # type: ignore[no-any-return]
+
+
+def affine_qparams(lo: float, hi: float, quant_min: int, quant_max: int) -> tuple[float, int]:
+    """Affine ``(scale, zero_point)`` covering ``[lo, hi]`` (widened to include 0), as the observers compute it."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(f32(f32(hi - lo) / float(quant_max - quant_min)), _EPS32)
+    zero_point = quant_min - round(f32(lo / scale))  # round half to even, like torch.round
+    return scale, int(min(max(zero_point, quant_min), quant_max))
+
+
+def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """``(clamp(rint(x / scale + zp)) - zp) * scale`` in float: the fused aten op for small tensors, else five
+    vectorized ops (rounding half up, against half to even in the fused op: a difference only on exact ties)."""
+    if x.numel() <= _FUSED_MAX_NUMEL:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+    y = x.mul(1.0 / scale).add_(zero_point + 0.5).clamp_(quant_min, quant_max + 0.49).floor_()
+    return y.sub_(zero_point).mul_(scale)

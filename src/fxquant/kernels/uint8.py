@@ -1,0 +1,121 @@
+"""Element-wise kernels on plain integer activations (uint8 / int8) in as few aten ops as possible.
+
+They run between the int8 convolutions and linears of a lowered model, where torch.ao would dequantize, run a
+float op and quantize again. At the sizes of a batch-1 forward each aten call costs more than its arithmetic, so
+every kernel is written to the smallest op count:
+
+=====================  ==============================================================================  =========
+kernel                 computes                                                                        aten ops
+=====================  ==============================================================================  =========
+``quantize``           ``clamp(rint(x / scale + zp))`` from float                                      3
+``dequantize``         ``(q - zp) * scale`` in float32, as ``q * scale + (-zp * scale)``               1
+``lookup``             any function of one uint8 / int8 value, as a 256-entry table                     2
+``round_to``           ``clamp(rint(y * a + b))`` of a float result (``a = 1, b = 0``: plain rounding)  3
+``binary``             ``quantize(dequantize(a) (+|*) dequantize(b))`` (+ relu)                         4-6
+=====================  ==============================================================================  =========
+
+Rounding: results computed from integers (requantization, binary ops), where exact ties are common, round half
+to even like the reference (``torch.round``). Quantizing float data into uint8 saves an op with
+``floor(v + 0.5)`` after clamping (the cast truncates): half up, which differs from the reference only on exact
+ties of float data (rare); the float arithmetic is the reference's up to float32 rounding. Either way a result
+stays within the one quantization step the lowering contract allows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["quantize", "dequantize", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool2d",
+           "offset", "rounding_bias", "finish", "RANGES", "Offset"]
+
+# dtype -> (min, max) of the integer activations these kernels accept
+RANGES: dict[torch.dtype, tuple[int, int]] = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+Offset = torch.Tensor  # a 0-d float32 tensor: one torch.add(offset, x, alpha=a) computes x * a + offset
+
+
+def offset(value: float) -> Offset:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def finish(y: torch.Tensor, quant_min: int, quant_max: int, dtype: torch.dtype, exact: bool = True) -> torch.Tensor:
+    """Round, clamp and store ``y``. ``exact``: round half to even; else ``y`` already holds ``v + 0.5`` (see
+    :func:`rounding_bias`) and the uint8 cast's truncation rounds it, one op fewer."""
+    if exact or dtype != torch.uint8:
+        return y.round_().clamp_(quant_min, quant_max).to(dtype)
+    return y.clamp_(quant_min, quant_max).to(dtype)  # truncation of v + 0.5 >= 0 rounds v (half up)
+
+
+def rounding_bias(dtype: torch.dtype, exact: bool = True) -> float:
+    """What to add before :func:`finish`: 0.5 when it rounds by truncation (uint8, not exact), else 0."""
+    return 0.5 if dtype == torch.uint8 and not exact else 0.0
+
+
+def quantize(x: torch.Tensor, inv_scale: float, bias: Offset, quant_min: int, quant_max: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(rint(x * inv_scale + zero_point))`` as ``dtype``; ``bias = zero_point + rounding_bias(dtype, False)``.
+
+    Rounds half up (``exact=False``): on float data exact ties are rare, unlike on sums of integers."""
+    return finish(torch.add(bias, x, alpha=inv_scale), quant_min, quant_max, dtype, exact=False)
+
+
+def dequantize(q: torch.Tensor, scale: float, bias: Offset) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32 with ``bias = -zero_point * scale`` (one op)."""
+    return torch.add(bias, q, alpha=scale)
+
+
+def table_index(q: torch.Tensor) -> torch.Tensor:
+    """Index of each value in a 256-entry table (uint8: the value; int8: the value + 128), as int64."""
+    idx = q.to(torch.int64)
+    return idx if q.dtype == torch.uint8 else idx.add_(128)
+
+
+def lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[q]`` element-wise: ``table`` has 256 entries indexed by :func:`table_index`."""
+    return table.take(table_index(q))
+
+
+def round_to(y: torch.Tensor, a: float, bias: Offset, quant_min: int, quant_max: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(rint(y * a + b))`` as ``dtype`` with ``bias = b + rounding_bias(dtype)``; ``y`` float."""
+    return finish(torch.add(bias, y, alpha=a), quant_min, quant_max, dtype)
+
+
+def binary(op: str, a: torch.Tensor, b: torch.Tensor, consts: tuple, relu_min: int, quant_min: int,
+           quant_max: int, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize(dequantize(a) op dequantize(b))`` (``op``: ``add`` / ``mul``), clamped below at ``relu_min``.
+
+    ``consts`` from :func:`binary_consts`. add: ``a * ka + b * kb + c`` (4 ops); mul:
+    ``(a - za) * k * (b - zb) + c`` (5 ops when the zero points are 0).
+    """
+    if op == "add":
+        ka, kb, c = consts
+        y = torch.add(torch.add(c, a, alpha=ka), b, alpha=kb)  # out of place: a and b may broadcast
+    else:
+        k, neg_za, neg_zb, c = consts
+        y = torch.mul(a, k) if neg_za is None else torch.add(neg_za, a).mul_(k)
+        y = torch.mul(y, b if neg_zb is None else torch.add(neg_zb, b)).add_(c)
+    return finish(y, max(relu_min, quant_min), quant_max, dtype)
+
+
+def binary_consts(op: str, a_qp: tuple[float, int], b_qp: tuple[float, int], out_qp: tuple[float, int],
+                  dtype: torch.dtype) -> tuple:
+    """The constants :func:`binary` takes, from ``(scale, zero_point)`` of both inputs and the output."""
+    (sa, za), (sb, zb), (so, zo) = a_qp, b_qp, out_qp
+    c = offset(zo - (za * sa / so + zb * sb / so if op == "add" else 0.0) + rounding_bias(dtype))
+    if op == "add":
+        return sa / so, sb / so, c
+    return sa * sb / so, offset(-za) if za else None, offset(-zb) if zb else None, c
+
+
+def max_pool2d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.max_pool2d`` for integer tensors in any layout (same arguments).
+
+    torch 2.13's channels-last kernel rejects uint8 / int8 images above 255 elements (its index type is the
+    element type); its int16 kernel is fine and vectorized, so channels-last integer input goes through int16.
+    """
+    if x.dim() == 4 and x.dtype in RANGES and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return F.max_pool2d(x.to(torch.int16), *args, **kwargs).to(x.dtype)
+    return F.max_pool2d(x, *args, **kwargs)

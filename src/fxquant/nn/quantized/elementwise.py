@@ -1,0 +1,267 @@
+"""Small lowered modules that move activations between float and plain integer tensors, or compute on them.
+
+======================  ====================================================================================
+module                  forward
+======================  ====================================================================================
+``Quantize``            float -> uint8 / int8 with fixed qparams (model inputs, results of float ops)
+``DeQuantize``          uint8 / int8 -> float32 (model outputs, inputs of float ops)
+``LookupTable``         uint8 -> uint8: any function of one quantized value (activations with fixed qparams,
+                        requantization, chains of unary ops), exact: the table is the reference computation
+``Requantize``          float result computed from integer values (``op(q.float())``) -> integers with new
+                        qparams: ``rint(y * s_in / s_out + (zp_out - zp_in * s_in / s_out))``
+``QuantizedBinary``     ``add`` / ``mul`` (+ relu) of two quantized tensors
+``FakeQuantizeDynamic`` float -> float through run-time (dynamic) qparams: ``dequantize(quantize(x))``
+======================  ====================================================================================
+
+qparams are buffers (so ``load_state_dict`` moves them); the Python numbers the kernels take are cached in
+``_kernel_cache``, which is dropped on load, copy and pickling. Under ``torch.export`` / ``torch.compile`` the
+forwards use the buffers directly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.kernels import dynamic
+from fxquant.kernels import uint8 as k
+
+__all__ = ["Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic"]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _ScalarModule(nn.Module):
+    """Buffers for qparams plus a cache of the Python numbers computed from them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernel_cache: dict[str, Any] = {}
+
+    def _qparam(self, prefix: str, scale: Any, zero_point: Any) -> None:
+        self.register_buffer(f"{prefix}scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(()))
+        self.register_buffer(f"{prefix}zero_point",
+                             torch.as_tensor(zero_point).detach().to(torch.int64).clone().reshape(()))
+
+    def _scalars(self) -> Any:
+        cached = self._kernel_cache.get("scalars")
+        if cached is None:
+            cached = self._kernel_cache["scalars"] = self._build_scalars()
+        return cached
+
+    def _build_scalars(self) -> Any:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        self._kernel_cache = {}
+        super()._load_from_state_dict(*args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = {}
+        return state
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"dtype": _dtype_name(self.dtype), "quant_min": self.quant_min, "quant_max": self.quant_max}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.dtype = getattr(torch, state["dtype"])
+        self.quant_min, self.quant_max = int(state["quant_min"]), int(state["quant_max"])
+        self._kernel_cache = {}
+
+    def _range_repr(self) -> str:
+        return f"dtype={_dtype_name(self.dtype)}, quant_min={self.quant_min}, quant_max={self.quant_max}"
+
+
+def _check_range(dtype: torch.dtype, quant_min: int, quant_max: int, where: str) -> None:
+    if dtype not in k.RANGES:
+        raise ValueError(f"{where}: dtype {dtype} is not supported; use torch.uint8 or torch.int8")
+    lo, hi = k.RANGES[dtype]
+    if not lo <= quant_min < quant_max <= hi:
+        raise ValueError(f"{where}: quant range [{quant_min}, {quant_max}] does not fit {dtype}")
+
+
+class Quantize(_ScalarModule):
+    """``clamp(rint(x / scale + zero_point), quant_min, quant_max)`` as uint8 / int8.
+
+    ``channels_last``: give 4-d results the channels-last layout the int8 convolutions read fastest.
+    """
+
+    def __init__(self, scale: Any, zero_point: Any, dtype: torch.dtype = torch.uint8, quant_min: int = 0,
+                 quant_max: int = 255, channels_last: bool = False) -> None:
+        super().__init__()
+        _check_range(dtype, quant_min, quant_max, "Quantize")
+        self.dtype, self.quant_min, self.quant_max, self.channels_last = dtype, quant_min, quant_max, channels_last
+        self._qparam("", scale, zero_point)
+
+    def _build_scalars(self) -> tuple[float, torch.Tensor]:
+        return 1.0 / float(self.scale), k.offset(int(self.zero_point) + k.rounding_bias(self.dtype, exact=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            y = torch.round(x * torch.reciprocal(self.scale) + self.zero_point)
+            return y.clamp(self.quant_min, self.quant_max).to(self.dtype)
+        inv, bias = self._scalars()
+        q = k.quantize(x, inv, bias, self.quant_min, self.quant_max, self.dtype)
+        return q.contiguous(memory_format=torch.channels_last) if self.channels_last and q.dim() == 4 else q
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "channels_last": self.channels_last}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.channels_last = bool(state.get("channels_last", False))
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}, {self._range_repr()}"
+
+
+class DeQuantize(_ScalarModule):
+    """``(q - zero_point) * scale`` in float32."""
+
+    def __init__(self, scale: Any, zero_point: Any, dtype: torch.dtype = torch.uint8, quant_min: int = 0,
+                 quant_max: int = 255) -> None:
+        super().__init__()
+        self.dtype, self.quant_min, self.quant_max = dtype, quant_min, quant_max
+        self._qparam("", scale, zero_point)
+
+    def _build_scalars(self) -> tuple[float, torch.Tensor]:
+        return float(self.scale), k.offset(-int(self.zero_point) * float(self.scale))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return (q.to(torch.float32) - self.zero_point) * self.scale
+        scale, bias = self._scalars()
+        return k.dequantize(q, scale, bias)
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
+
+
+class LookupTable(nn.Module):
+    """``table[q]``: one quantized value in, one out; ``table`` has 256 entries (int8 input: index ``q + 128``)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        if table.shape != (256,):
+            raise ValueError(f"LookupTable: the table needs 256 entries, got shape {tuple(table.shape)}")
+        self.register_buffer("table", table.detach().clone())
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return k.lookup(q, self.table)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        saved = state_dict.get(prefix + "table")
+        if isinstance(saved, torch.Tensor) and saved.dtype != self.table.dtype:
+            self.table = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"out_dtype={_dtype_name(self.table.dtype)}"
+
+
+class Requantize(_ScalarModule):
+    """Integers from a float result ``y`` computed on integer values with qparams ``(in_scale, in_zero_point)``.
+
+    Used after ops that commute with the affine map ``q -> (q - zp) * s`` (average pooling, mean, bilinear
+    interpolation), which then run on ``q.float()`` instead of on dequantized values.
+    """
+
+    def __init__(self, in_scale: Any, in_zero_point: Any, out_scale: Any, out_zero_point: Any,
+                 dtype: torch.dtype = torch.uint8, quant_min: int = 0, quant_max: int = 255) -> None:
+        super().__init__()
+        _check_range(dtype, quant_min, quant_max, "Requantize")
+        self.dtype, self.quant_min, self.quant_max = dtype, quant_min, quant_max
+        self._qparam("in_", in_scale, in_zero_point)
+        self._qparam("out_", out_scale, out_zero_point)
+
+    def _build_scalars(self) -> tuple[float, torch.Tensor]:
+        same = float(self.in_scale) == float(self.out_scale) and int(self.in_zero_point) == int(self.out_zero_point)
+        a = 1.0 if same else float(self.in_scale) / float(self.out_scale)
+        b = 0.0 if same else float(self.out_zero_point) - float(self.in_zero_point) * a
+        return a, k.offset(b + k.rounding_bias(self.dtype))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            a = self.in_scale / self.out_scale
+            out = torch.round(y * a + (self.out_zero_point - self.in_zero_point * a))
+            return out.clamp(self.quant_min, self.quant_max).to(self.dtype)
+        a, bias = self._scalars()
+        return k.round_to(y, a, bias, self.quant_min, self.quant_max, self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in=({float(self.in_scale):.6g}, {int(self.in_zero_point)}), out=({float(self.out_scale):.6g}, "
+                f"{int(self.out_zero_point)}), {self._range_repr()}")
+
+
+class QuantizedBinary(_ScalarModule):
+    """``quantize(dequantize(a) <op> dequantize(b))`` with ``op`` ``add`` or ``mul``, optionally followed by relu."""
+
+    def __init__(self, op: str, a_qparams: tuple[Any, Any], b_qparams: tuple[Any, Any],
+                 out_qparams: tuple[Any, Any], relu: bool = False, dtype: torch.dtype = torch.uint8,
+                 quant_min: int = 0, quant_max: int = 255) -> None:
+        super().__init__()
+        if op not in ("add", "mul"):
+            raise ValueError(f"QuantizedBinary: op must be 'add' or 'mul', got {op!r}")
+        _check_range(dtype, quant_min, quant_max, "QuantizedBinary")
+        self.op, self.relu = op, relu
+        self.dtype, self.quant_min, self.quant_max = dtype, quant_min, quant_max
+        for prefix, (scale, zp) in (("a_", a_qparams), ("b_", b_qparams), ("out_", out_qparams)):
+            self._qparam(prefix, scale, zp)
+
+    def _build_scalars(self) -> tuple[tuple, int]:
+        qps = [(float(getattr(self, f"{p}scale")), int(getattr(self, f"{p}zero_point"))) for p in ("a_", "b_", "out_")]
+        relu_min = qps[2][1] if self.relu else self.quant_min
+        return k.binary_consts(self.op, qps[0], qps[1], qps[2], self.dtype), relu_min
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            fa = (a.to(torch.float32) - self.a_zero_point) * self.a_scale
+            fb = (b.to(torch.float32) - self.b_zero_point) * self.b_scale
+            y = fa + fb if self.op == "add" else fa * fb
+            y = torch.relu(y) if self.relu else y
+            q = torch.round(y / self.out_scale + self.out_zero_point)
+            return q.clamp(self.quant_min, self.quant_max).to(self.dtype)
+        consts, relu_min = self._scalars()
+        return k.binary(self.op, a, b, consts, relu_min, self.quant_min, self.quant_max, self.dtype)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "op": self.op, "relu": self.relu}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.op, self.relu = state["op"], bool(state["relu"])
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}{'_relu' if self.relu else ''}, {self._range_repr()}"
+
+
+class FakeQuantizeDynamic(nn.Module):
+    """``dequantize(quantize(x))`` with qparams chosen from ``x`` at run time (affine, per tensor)."""
+
+    def __init__(self, quant_min: int, quant_max: int, dtype: torch.dtype = torch.uint8) -> None:
+        super().__init__()
+        self.quant_min, self.quant_max, self.dtype = quant_min, quant_max, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.aminmax(x.detach())
+        if torch.compiler.is_compiling():
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+            scale = ((hi - lo) / float(self.quant_max - self.quant_min)).clamp_(min=torch.finfo(torch.float32).eps)
+            zp = (self.quant_min - torch.round(lo / scale)).clamp_(self.quant_min, self.quant_max)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zp.to(torch.int32), self.quant_min, self.quant_max)
+        scale, zp = dynamic.affine_qparams(float(lo), float(hi), self.quant_min, self.quant_max)
+        return dynamic.fake_quantize(x, scale, zp, self.quant_min, self.quant_max)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"dtype": _dtype_name(self.dtype), "quant_min": self.quant_min, "quant_max": self.quant_max}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.dtype = getattr(torch, state["dtype"])
+        self.quant_min, self.quant_max = int(state["quant_min"]), int(state["quant_max"])
+
+    def extra_repr(self) -> str:
+        return f"dtype={_dtype_name(self.dtype)}, quant_min={self.quant_min}, quant_max={self.quant_max}"

@@ -1,0 +1,63 @@
+"""Lowered LSTM / GRU for dynamic and weight-only quantization: int8 weights, float recurrence.
+
+torch.ao's dynamic LSTM quantizes activations inside the cell with fbgemm; its reference module (and so the
+reference graph fxquant converts) computes the recurrence in float on dequantized weights. These modules do the
+same with the dequantized weights cached (rebuilt after ``load_state_dict`` / copy / pickling), so they equal the
+reference bit for bit and run at float speed while the state dict keeps the int8 weights::
+
+    lowered = LSTM.from_reference(ref_lstm)     # ref_lstm: fxquant.nn.quantized.reference.LSTM
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxquant.nn.quantized import reference as ref
+
+__all__ = ["LSTM", "GRU"]
+
+
+class _CachedWeightsMixin:
+    """Caches ``get_flat_weights()`` of a reference RNN in eager mode."""
+
+    _kernel_cache: dict[str, Any]
+
+    @classmethod
+    def from_reference(cls, module: Any) -> Any:
+        """A lowered module sharing ``module``'s buffers and parameters (the reference module is consumed)."""
+        if not isinstance(module, cls.__mro__[2]):
+            raise TypeError(f"{cls.__name__}.from_reference expects {cls.__mro__[2].__name__}, got "
+                            f"{type(module).__name__}")
+        lowered = cls.__new__(cls)
+        lowered.__dict__.update(module.__dict__)
+        lowered.__dict__["_kernel_cache"] = {}
+        return lowered
+
+    def get_flat_weights(self) -> list[torch.Tensor | None]:
+        if torch.compiler.is_compiling():
+            return super().get_flat_weights()  # type: ignore[misc,no-any-return]
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if "flat" not in cache:
+            cache["flat"] = [None if w is None else w.detach() for w in super().get_flat_weights()]  # type: ignore
+        return cache["flat"]  # type: ignore[no-any-return]
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        self.__dict__["_kernel_cache"] = {}
+        super()._load_from_state_dict(*args)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = {}
+        return state
+
+    def _get_name(self) -> str:
+        return f"Quantized{type(self).__name__}(WeightOnly)"
+
+
+class LSTM(_CachedWeightsMixin, ref.LSTM):
+    """LSTM with int8 weights and a cached float copy for the recurrence."""
+
+
+class GRU(_CachedWeightsMixin, ref.GRU):
+    """GRU with int8 weights and a cached float copy for the recurrence."""

@@ -1,0 +1,115 @@
+"""Which ops the lowering runs on integer tensors, as data (keys are :func:`fxquant.vocab.op_key` results).
+
+* :data:`INTEGER_OPS` move or select values without computing new ones (shape ops, max pooling, nearest
+  upsampling, chunk / split), so ``op(dequantize(q)) == dequantize(op(q))`` exactly: the dequantize sinks below
+  them and they run on the uint8 tensor. Each entry says when the op qualifies (e.g. interpolate only in
+  ``nearest`` mode) and whether it returns several tensors (then its ``getitem`` users get the dequantize).
+* :data:`SHAPE_QUERIES` read only the shape: they take the integer tensor as is.
+* :data:`AFFINE_OPS` are linear with weights summing to one (average pooling, mean, bilinear interpolation):
+  ``op((q - zp) * s) == (op(q) - zp) * s``, so they run in float on ``q.float()`` and a requantize folds both
+  qparams (:class:`fxquant.nn.quantized.Requantize`).
+* :data:`UNARY_OPS` are element-wise functions of one value: any chain of them between a dequantize and a
+  quantize is one 256-entry table (:class:`fxquant.nn.quantized.LookupTable`), computed with the reference ops.
+* :data:`IDENTITY_OPS` vanish in eval mode (dropout, identity).
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..kernels import uint8
+
+__all__ = ["INTEGER_OPS", "SHAPE_QUERIES", "AFFINE_OPS", "UNARY_OPS", "IDENTITY_OPS", "RENAMED_METHODS",
+           "INTEGER_KERNELS", "node_arg"]
+
+Check = Callable[[fx.Node, Any], bool]  # (node, module or None) -> qualifies
+
+
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` / keyword ``name`` of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _always(node: fx.Node, mod: Any) -> bool:
+    return True
+
+
+def _nearest(node: fx.Node, mod: Any) -> bool:
+    mode = getattr(mod, "mode", None) if mod is not None else node_arg(node, 3, "mode", "nearest")
+    return mode == "nearest"
+
+
+def _not_nearest(node: fx.Node, mod: Any) -> bool:
+    return not _nearest(node, mod)
+
+
+def _pool_no_padding(node: fx.Node, mod: Any) -> bool:
+    """Average pooling: padded zeros are not zero points, so only unpadded pools (or ones excluding padding)."""
+    padding = getattr(mod, "padding", 0) if mod is not None else node_arg(node, 3, "padding", 0)
+    include = getattr(mod, "count_include_pad", True) if mod is not None else node_arg(node, 5, "count_include_pad",
+                                                                                        True)
+    return not include or all(p == 0 for p in ((padding,) if isinstance(padding, int) else padding))
+
+
+def _no_indices(node: fx.Node, mod: Any) -> bool:
+    return not (getattr(mod, "return_indices", False) if mod is not None else
+                node_arg(node, 6, "return_indices", False))
+
+
+def _eval_mode(node: fx.Node, mod: Any) -> bool:
+    return mod is not None and not mod.training
+
+
+# kind -> (qualifies, returns several tensors)
+INTEGER_OPS: dict[Any, tuple[Check, bool]] = {
+    **{k: (_always, False) for k in (
+        "view", "reshape", torch.reshape, "permute", torch.permute, "transpose", torch.transpose, "contiguous",
+        "flatten", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze, "expand", "repeat", "narrow",
+        torch.narrow, "select", torch.select, operator.getitem, "t", torch.t, "detach", "clone", nn.PixelShuffle,
+        nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle, "flip", torch.flip, "roll", torch.roll)},
+    **{k: (_no_indices, False) for k in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d,
+                                         F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d)},
+    **{k: (_nearest, False) for k in (nn.Upsample, F.interpolate, F.upsample)},
+    nn.UpsamplingNearest2d: (_always, False),
+    **{k: (_always, True) for k in ("chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)},
+}
+SHAPE_QUERIES = frozenset({"size", "dim", "numel"})
+
+
+def _max_pool2d_module(mod: nn.MaxPool2d) -> tuple:
+    return (mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+
+
+# kind -> (integer kernel, module -> its arguments after the input; None: the call's own arguments)
+INTEGER_KERNELS: dict[Any, tuple[Callable[..., torch.Tensor], Any]] = {
+    nn.MaxPool2d: (uint8.max_pool2d, _max_pool2d_module), F.max_pool2d: (uint8.max_pool2d, None),
+    torch.max_pool2d: (uint8.max_pool2d, None),
+}
+# method spellings that must change on integer tensors: a view of a channels-last int8 conv output may not exist
+RENAMED_METHODS = {"view": "reshape"}
+
+AFFINE_OPS: dict[Any, Check] = {
+    **{k: _always for k in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, F.adaptive_avg_pool1d,
+                            F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, "mean", torch.mean)},
+    **{k: _pool_no_padding for k in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d,
+                                     F.avg_pool3d)},
+    **{k: _not_nearest for k in (nn.Upsample, F.interpolate, F.upsample)},
+    nn.UpsamplingBilinear2d: _always,
+}
+
+UNARY_OPS = frozenset({
+    "relu", "relu6", "sigmoid", "tanh", "hardsigmoid", nn.Hardswish, F.hardswish, nn.Hardtanh, F.hardtanh,
+    nn.GELU, F.gelu, nn.SiLU, F.silu, nn.ELU, F.elu, nn.LeakyReLU, F.leaky_relu, nn.Mish, F.mish, nn.Softplus,
+    F.softplus, nn.CELU, nn.SELU, nn.Tanhshrink, nn.Softsign, "clamp", torch.clamp, "clamp_min", "clamp_max",
+    "neg", torch.neg, "abs", torch.abs, "exp", torch.exp, "square", "add", "mul", operator.sub, "sub",
+    operator.truediv, "div", torch.div,
+})
+IDENTITY_OPS: dict[Any, Check] = {nn.Identity: _always, nn.Dropout: _eval_mode, nn.Dropout1d: _eval_mode,
+                                  nn.Dropout2d: _eval_mode, nn.Dropout3d: _eval_mode, nn.AlphaDropout: _eval_mode}

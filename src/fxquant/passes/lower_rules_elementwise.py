@@ -1,0 +1,177 @@
+"""Lowering rules anchored at a quantize whose input is computed element-wise (or by pooling / cat) from
+dequantized integer tensors; they are tried after the weighted rules::
+
+    quantize(dequantize(q))                   -> q (same qparams), else LookupTable(q)
+    quantize(f_n(...f_1(dequantize(q))))      -> LookupTable(q)   (UNARY_OPS; a clamp, or nothing, when it is one)
+    quantize(cat([dequantize(q_i)], d))       -> cat([q_i requantized], d)
+    quantize(avg_pool(dequantize(q)))         -> Requantize(avg_pool(q.float()))   (AFFINE_OPS)
+    quantize(relu?(add|mul(dequantize(a), dequantize(b)))) -> QuantizedBinary(a, b)
+
+Lookup tables are computed with the reference operators themselves (dequantize every possible integer, run the
+float ops, quantize), so they are bit-exact.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx
+
+from .. import nn as fnn
+from ..kernels.uint8 import RANGES
+from .lower_build import Lowering, Rule
+from .lower_match import Pat, attr_value, kind_of
+from .lower_ops import AFFINE_OPS, UNARY_OPS
+
+__all__ = ["ELEMENTWISE_RULES", "lookup_table"]
+
+Q = fnn.quantized
+_BINARY = frozenset({"add", "mul"})
+
+
+def _one_node_arg(node: fx.Node) -> Optional[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))  # type: ignore[arg-type,func-returns-value]
+    return found[0] if len(found) == 1 else None
+
+
+def _chain(node: fx.Node, low: Lowering) -> Optional[tuple[list[fx.Node], fx.Node]]:
+    """``([f_1 .. f_n], dq)`` when ``node`` = f_n(...f_1(dq)) of single-use unary ops over a static dequantize."""
+    chain: list[fx.Node] = []
+    while kind_of(node, low.modules) != "dq":
+        if kind_of(node, low.modules) not in UNARY_OPS or len(node.users) != 1:
+            return None
+        mod = low.module(node)
+        arg = _one_node_arg(node)
+        if arg is None or (mod is not None and mod.training):
+            return None
+        chain.append(node)
+        node = arg
+    return chain[::-1], node
+
+
+def _evaluate(node: fx.Node, x: torch.Tensor, low: Lowering) -> torch.Tensor:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: x)  # type: ignore[misc]
+    if node.op == "call_module":
+        return low.modules[str(node.target)](*args, **kwargs)  # type: ignore[no-any-return]
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)  # type: ignore[no-any-return]
+    return node.target(*args, **kwargs)  # type: ignore[operator,no-any-return]
+
+
+def lookup_table(low: Lowering, dq: fx.Node, chain: list[fx.Node], q: fx.Node) -> torch.Tensor:
+    """``quantize(f_n(...f_1(dequantize(v))))`` for every integer ``v`` of ``dq``'s dtype (256 entries)."""
+    lo, hi = RANGES[dq.args[5]]
+    values = torch.arange(lo, hi + 1).to(dq.args[5])
+    dq_args = [attr_value(low.gm, a) if isinstance(a, fx.Node) else a for a in dq.args[1:]]
+    x = dq.target(values, *dq_args)
+    with torch.no_grad():
+        for node in chain:
+            x = _evaluate(node, x, low)
+    q_args = [attr_value(low.gm, a) if isinstance(a, fx.Node) else a for a in q.args[1:]]
+    return q.target(x.to(torch.float32), *q_args)
+
+
+def _table_when(low: Lowering, m: dict[str, fx.Node]) -> str:
+    found = _chain(m["out"].args[0], low)
+    if found is None:
+        return "not a chain of element-wise ops on one quantized tensor"
+    in_dtype, out_dtype = found[1].args[5], m["out"].args[5]
+    return "" if in_dtype in RANGES and out_dtype in RANGES else f"dtypes {in_dtype} -> {out_dtype}"
+
+
+def _clamp_bounds(table: torch.Tensor, dtype: torch.dtype) -> Optional[tuple[int, int]]:
+    """``(a, b)`` when ``table`` is ``clamp(v, a, b)`` of its own index values (identity: the dtype's range)."""
+    lo, hi = RANGES[dtype]
+    values = torch.arange(lo, hi + 1)
+    a, b = int(table.min()), int(table.max())
+    return (a, b) if table.dtype == dtype and torch.equal(table.long(), values.clamp(a, b)) else None
+
+
+def _table_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
+    q = m["out"]
+    chain, dq = _chain(q.args[0], low)  # type: ignore[misc]
+    table = lookup_table(low, dq, chain, q)
+    x = dq.args[0]
+    bounds = _clamp_bounds(table, dq.args[5])
+    if bounds == RANGES[dq.args[5]]:
+        return x  # type: ignore[return-value]
+    if bounds is not None:
+        return low.call(q, "call_function", torch.clamp, (x, *bounds))
+    return low.call_module(q, f"{(chain[-1] if chain else q).name}_table", Q.LookupTable(table), (x,))
+
+
+def _requantized(low: Lowering, dq: fx.Node, q: fx.Node) -> fx.Node:
+    """``dq``'s integer input expressed in ``q``'s qparams (itself when they agree)."""
+    if low.qparams(dq).same_values(low.qparams(q)):
+        return dq.args[0]  # type: ignore[return-value]
+    table = lookup_table(low, dq, [], q)
+    return low.call_module(q, f"{dq.name}_requant", Q.LookupTable(table), (dq.args[0],))
+
+
+def _cat_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
+    inner = node.args[0]
+    if kind_of(inner, low.modules) != "cat" or len(inner.users) != 1:
+        return None
+    tensors = inner.args[0] if inner.args else inner.kwargs.get("tensors")
+    if not isinstance(tensors, (list, tuple)) or not all(kind_of(t, low.modules) == "dq" for t in tensors):
+        return None
+    return {"out": node, "cat": inner}
+
+
+def _cat_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
+    q, cat = m["out"], m["cat"]
+    tensors = cat.args[0] if cat.args else cat.kwargs["tensors"]
+    new_list = [_requantized(low, t, q) for t in tensors]
+    rest = tuple(cat.args[1:])
+    kwargs = {k: v for k, v in cat.kwargs.items() if k != "tensors"}
+    return low.call(q, "call_function", torch.cat, (new_list,) + rest, kwargs)
+
+
+def _affine_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
+    op = node.args[0]
+    check = AFFINE_OPS.get(kind_of(op, low.modules))
+    if check is None or len(op.users) != 1 or not op.args or kind_of(op.args[0], low.modules) != "dq":
+        return None
+    if not check(op, low.module(op)) or _one_node_arg(op) is None:
+        return None
+    return {"out": node, "op": op, "dq_x": op.args[0]}
+
+
+def _affine_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
+    q, op, dq = m["out"], m["op"], m["dq_x"]
+    xq, out = low.qparams(dq), low.qparams(q)
+    xf = low.call(q, "call_method", "to", (dq.args[0], torch.float32))
+    y = low.call(q, op.op, op.target, (xf,) + tuple(op.args[1:]), dict(op.kwargs))
+    mod = Q.Requantize(xq.scale, xq.zero_point, out.scale, out.zero_point, out.dtype, out.quant_min, out.quant_max)
+    return low.call_module(q, f"{op.name}_requant", mod, (y,))
+
+
+def _binary_when(low: Lowering, m: dict[str, fx.Node]) -> str:
+    dtypes = {low.qparams(m[k]).dtype for k in ("dq_a", "dq_b", "out")}
+    return "" if dtypes <= set(RANGES) and len(dtypes) == 1 else f"dtypes {sorted(map(str, dtypes))}"
+
+
+def _binary_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
+    a, b, out = (low.qparams(m[k]) for k in ("dq_a", "dq_b", "out"))
+    op = kind_of(m["binary"], low.modules)
+    mod = Q.QuantizedBinary(op, (a.scale, a.zero_point), (b.scale, b.zero_point), (out.scale, out.zero_point),
+                            "relu" in m, out.dtype, out.quant_min, out.quant_max)
+    return low.call_module(m["out"], m["binary"].name, mod, (m["dq_a"].args[0], m["dq_b"].args[0]))
+
+
+_BIN = Pat(_BINARY, (Pat("dq", name="dq_a"), Pat("dq", name="dq_b")), name="binary", single_use=True)
+_Q = frozenset({"q"})
+
+
+def _pat(inner: Pat) -> Pat:
+    return Pat("q", (inner,), name="out")
+
+
+ELEMENTWISE_RULES: tuple[Rule, ...] = (
+    Rule("binary_relu", _Q, _pat(Pat("relu", (_BIN,), name="relu", single_use=True)), _binary_replace, _binary_when),
+    Rule("binary", _Q, _pat(_BIN), _binary_replace, _binary_when),
+    Rule("cat", _Q, _cat_match, _cat_replace),
+    Rule("affine_float", _Q, _affine_match, _affine_replace),
+    Rule("lookup_table", _Q, Pat("q", (Pat("*"),), name="out"), _table_replace, _table_when),
+)

@@ -1,0 +1,94 @@
+"""convert_fx lowering on the model zoo: the lowered model equals our reference model, with the expected kernels.
+
+Tolerance (stated once): static models are compared in steps of the output quantizer (the final DeQuantize's
+scale). Models without a fused residual add are exact (0 steps): onednn and the integer kernels reproduce the
+reference arithmetic. A residual add fused into the conv (onednn's binary post-op) skips the rounding of the
+conv's own output, so each fused op may differ by one step of its output; through a network this reaches at most
+2 steps of the final output, on at most 10 % of its values. Dynamic and weight-only models (float outputs) agree
+to float32 rounding (1e-5 relative).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import oracle
+from models import MODELS
+
+# model -> (node counts the lowered graph must have, max steps, max fraction of values more than 1 step off)
+EXPECTED: dict[str, tuple[dict[str, int], float, float]] = {
+    "resnet18": ({"quantized.Conv2d": 20, "quantized.Linear": 1, "quantized.Quantize": 1, "quantized.DeQuantize": 1,
+                  "max_pool2d": 1}, 2, 0.10),
+    "mobilenet_v2": ({"quantized.Conv2d": 19, "quantized.Linear": 1, "quantized.Quantize": 1,
+                      "quantized.DeQuantize": 1}, 1, 0.0),
+    "mobilenet_v3_small": ({"quantized.Conv2d": 27, "quantized.Linear": 2, "quantized.LookupTable": 13,
+                            "quantized.QuantizedBinary": 4}, 1, 0.0),
+    "bert_encoder": ({"quantized.LinearDynamic": 14}, 0, 0.0),
+    "lstm_classifier": ({"quantized.LSTM": 1, "quantized.LinearDynamic": 1, "quantized.FakeQuantizeDynamic": 1},
+                        0, 0.0),
+    "embedding_bag_recsys": ({"quantized.EmbeddingBag": 2}, 0, 0.0),
+    "functional": ({"quantized.Conv2d": 2, "quantized.Linear": 1}, 0, 0.0),
+    "functional_positional": ({"quantized.Conv2d": 2, "quantized.Linear": 1}, 0, 0.0),
+    "branchy": ({"quantized.Linear": 2, "quantized.Quantize": 2, "quantized.DeQuantize": 2}, 0, 0.0),
+    "standalone": ({"quantized.Conv2d": 2, "quantized.Linear": 1}, 1, 0.0),
+    "shufflenet": ({"quantized.Conv2d": 21, "quantized.Linear": 1, "cat": 5, "chunk": 3}, 1, 0.0),
+    "segmentation_head": ({"quantized.Conv2d": 4, "cat": 1}, 1, 0.0),
+}
+# reference-form ops nothing may leave behind in a lowered graph
+_REFERENCE_OPS = ("quantize_per_tensor", "dequantize", "quantized.reference.Conv2d", "quantized.reference.Linear",
+                  "choose_qparams_per_tensor")
+
+
+@pytest.fixture(scope="module")
+def results():
+    cache: dict[str, oracle.QuantResult] = {}
+
+    def get(name: str) -> oracle.QuantResult:
+        if name not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[name] = oracle.quantize(oracle.fxquant_lib(), name, stages=("reference", "lowered"))
+        return cache[name]
+    return get
+
+
+def _output_scale(model: torch.nn.Module) -> float | None:
+    scales = [float(m.scale) for m in model.modules() if type(m).__name__ == "DeQuantize"]
+    return scales[-1] if scales else None
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_every_zoo_model_has_an_expectation():
+    assert set(EXPECTED) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_lowered_graph_has_the_expected_kernels(results, name):
+    res = results(name)
+    counts = oracle.node_count_dict(res.lowered)
+    expected, _, _ = EXPECTED[name]
+    assert {k: counts.get(k, 0) for k in expected} == expected, counts
+    assert not [k for k in _REFERENCE_OPS if counts.get(k)], counts
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_lowered_output_matches_reference(results, name):
+    res = results(name)
+    _, max_steps, max_frac = EXPECTED[name]
+    scale = _output_scale(res.lowered)
+    for batch in res.spec.calibration_data(n_batches=2, seed=7):
+        with torch.no_grad():
+            ref, low = _first(res.reference(*batch)), _first(res.lowered(*batch))
+        assert ref.shape == low.shape and low.dtype == ref.dtype
+        diff = (ref - low).abs()
+        if scale is None or res.spec.recipe().kind != "static":
+            torch.testing.assert_close(low, ref, rtol=1e-5, atol=1e-6)
+            continue
+        steps = diff / scale
+        assert steps.max().item() <= max_steps + 1e-3, f"{name}: {steps.max().item():.2f} steps"
+        assert (steps > 1.001).float().mean().item() <= max_frac, f"{name}: {(steps > 1.001).float().mean():.3f}"
