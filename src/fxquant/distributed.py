@@ -5,7 +5,7 @@ data and compute different scale / zero point. :func:`sync_observers` all-reduce
 ends with the same observers:
 
 ==============================================  ===============================================================
-observer (or the observer inside a fake quant)   rule
+module (or the observer inside a fake quant)     rule
 ==============================================  ===============================================================
 MinMaxObserver, PerChannelMinMaxObserver         ``min_val``: all-reduce MIN, ``max_val``: MAX. Exactly what one
                                                  process calibrated on the union of the shards would hold.
@@ -17,6 +17,10 @@ HistogramObserver                                range: MIN / MAX; each rank re-
                                                  clipping range) depends on batch order; the synced clipping range
                                                  lies within the spread of single-process runs over different
                                                  orders of the same batches, +-1% of the bins (tested).
+BatchNorm (running statistics; QAT ConvBn /      ``running_mean`` / ``running_var``: mean over the ranks;
+LinearBn keep one and fold it at convert)        ``num_batches_tracked``: MAX. With equal per-rank batch sizes the
+                                                 mean is the running average of the global batch means; the
+                                                 variance leaves out the spread between the ranks' batch means.
 Placeholder / Noop / FixedQParams / Recording /  nothing to sync
 ReuseInput observers
 ==============================================  ===============================================================
@@ -25,127 +29,44 @@ Fake quants (modules holding an ``activation_post_process`` observer and ``scale
 their ``scale`` / ``zero_point`` recomputed from the synced observer. All statistics travel in a handful of
 bucketed collectives, whatever the model size.
 
-Before any statistic moves, the ranks compare a hash of their observer names, classes and settings; if they differ
-every rank raises :class:`ObserverSyncError` naming the observers that differ (instead of deadlocking or mixing
-unrelated statistics).
+Before any statistic moves, the ranks compare a hash of their prepared graphs and of their observer names, classes
+and settings; if they differ every rank raises :class:`ObserverSyncError` naming what differs (instead of
+deadlocking or mixing unrelated statistics).
 
-Under ``DistributedDataParallel``: DDP broadcasts rank 0's buffers (observer statistics included) at every forward
-unless ``broadcast_buffers=False``; with the default, the other ranks' statistics are overwritten each step. For
-calibration or QAT, wrap with ``broadcast_buffers=False`` and sync explicitly: after calibration
+Under ``DistributedDataParallel``: DDP broadcasts rank 0's buffers (observer and batch-norm statistics included) at
+every forward unless ``broadcast_buffers=False``; with the default, the other ranks' statistics are overwritten each
+step. For calibration or QAT, wrap with ``broadcast_buffers=False`` and sync explicitly: after calibration
 (``with ObserverSync(model): ...``), before ``convert_fx``, and optionally every N training steps
 (``ObserverSync(model, every_n_steps=N).attach()``). Every rank must make the same sync calls.
+
+``convert_fx`` does not run a collective: jobs commonly convert and save on rank 0 only, and a collective there
+would hang until the process-group timeout. Instead, in a job with more than one rank, convert calls
+:func:`warn_if_unsynced`, a local check (no communication) that warns when observer or batch-norm statistics
+changed since this rank's last :func:`sync_observers`. :func:`observers_in_sync` is the exact, collective check.
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Generator, Iterator
-from enum import Enum
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 
 from fxquant import observer as obs_mod
-from fxquant._histogram import merge_histograms
+from fxquant._sync_rules import RULES, Buckets, ObserverSyncError, SyncMode
 
 __all__ = ["ObserverSyncError", "SyncMode", "register_observer_sync", "sync_observers", "observers_in_sync",
-           "ObserverSync"]
+           "warn_if_unsynced", "unsynced_modules", "UnsyncedObserversWarning", "ObserverSync"]
 
-Rule = Callable[[nn.Module, "_Buckets"], Generator[None, None, None]]
-
-
-class ObserverSyncError(RuntimeError):
-    """Observers cannot be synced: no process group, ranks disagree on the observers, or an unknown observer type."""
+_SYNCED_ATTR = "_fxquant_synced_digest"  # on each synced module: digest of its statistics right after the sync
 
 
-class SyncMode(str, Enum):
-    """How an observer class is synced (see the module docstring)."""
+class UnsyncedObserversWarning(UserWarning):
+    """convert_fx in a multi-rank job found statistics that were not synced across the ranks."""
 
-    MIN_MAX = "min_max"
-    MEAN = "mean"
-    HISTOGRAM = "histogram"
-    SKIP = "skip"
-
-
-class _Buckets:
-    """Tensors to all-reduce in place, grouped by (op, dtype) and sent as one flat tensor per group."""
-
-    def __init__(self, group: Any, device: torch.device) -> None:
-        self.group, self.device = group, device
-        self.pending: dict[tuple[Any, torch.dtype], list[torch.Tensor]] = {}
-
-    def add(self, op: Any, tensor: torch.Tensor) -> None:
-        self.pending.setdefault((op, tensor.dtype), []).append(tensor)
-
-    def flush(self) -> None:
-        for (op, _), tensors in sorted(self.pending.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-            flat = torch.cat([t.reshape(-1).to(self.device) for t in tensors])
-            dist.all_reduce(flat, op=op, group=self.group)
-            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-                t.copy_(part.reshape(t.shape))
-        self.pending = {}
-
-
-def _agree_on_channels(buffers: list[torch.Tensor], empty: list[float], b: _Buckets) -> Generator[None, None, None]:
-    """Give uninitialised 1-d buffers (shape ``(0,)``) the channel count the other ranks have (filled with
-    ``empty``); raise on every rank alike if two ranks saw different channel counts."""
-    n = buffers[0].numel() if buffers[0].dim() > 0 else -1
-    counts = torch.tensor([n, -n if n > 0 else -(2 ** 62)], dtype=torch.int64)
-    b.add(dist.ReduceOp.MAX, counts)
-    yield
-    most, least = int(counts[0]), -int(counts[1])
-    if most > 0 and least != most:
-        raise ObserverSyncError(f"ranks observed different channel counts ({least} and {most}) for the same "
-                                f"per-channel observer")
-    if n == 0 and most > 0:
-        for buf, fill in zip(buffers, empty):
-            buf.resize_(most).fill_(fill)
-
-
-def _sync_min_max(o: nn.Module, b: _Buckets) -> Generator[None, None, None]:
-    yield from _agree_on_channels([o.min_val, o.max_val], [float("inf"), float("-inf")], b)
-    b.add(dist.ReduceOp.MIN, o.min_val)
-    b.add(dist.ReduceOp.MAX, o.max_val)
-    yield
-
-
-def _sync_mean(o: nn.Module, b: _Buckets) -> Generator[None, None, None]:
-    yield from _agree_on_channels([o.min_val, o.max_val], [float("inf"), float("-inf")], b)
-    seen = torch.isfinite(o.min_val) & torch.isfinite(o.max_val)
-    sums = torch.stack([o.min_val.where(seen, 0.0), o.max_val.where(seen, 0.0), seen.to(o.min_val.dtype)])
-    b.add(dist.ReduceOp.SUM, sums)
-    yield
-    count = sums[2]
-    anyone = count > 0
-    o.min_val.copy_(torch.where(anyone, sums[0] / count.clamp_min(1), torch.full_like(count, float("inf"))))
-    o.max_val.copy_(torch.where(anyone, sums[1] / count.clamp_min(1), torch.full_like(count, float("-inf"))))
-
-
-def _sync_histogram(o: nn.Module, b: _Buckets) -> Generator[None, None, None]:
-    lo, hi = o.min_val.detach().clone(), o.max_val.detach().clone()
-    b.add(dist.ReduceOp.MIN, lo)
-    b.add(dist.ReduceOp.MAX, hi)
-    yield
-    has_data = bool(torch.isfinite(o.min_val)) and bool(torch.isfinite(o.max_val))
-    hist = torch.zeros_like(o.histogram)
-    if has_data:
-        hist = merge_histograms(o.histogram, o.min_val, o.max_val, hist, lo, hi).to(o.histogram.dtype)
-    b.add(dist.ReduceOp.SUM, hist)
-    yield
-    o.histogram.copy_(hist)
-    o.min_val.copy_(lo)
-    o.max_val.copy_(hi)
-
-
-def _skip(o: nn.Module, b: _Buckets) -> Generator[None, None, None]:
-    yield from ()
-
-
-_RULES: dict[SyncMode, Rule] = {
-    SyncMode.MIN_MAX: _sync_min_max, SyncMode.MEAN: _sync_mean, SyncMode.HISTOGRAM: _sync_histogram,
-    SyncMode.SKIP: _skip,
-}
 
 _MODES: dict[type, SyncMode] = {
     obs_mod.MinMaxObserver: SyncMode.MIN_MAX,
@@ -158,6 +79,7 @@ _MODES: dict[type, SyncMode] = {
     obs_mod.FixedQParamsObserver: SyncMode.SKIP,
     obs_mod.RecordingObserver: SyncMode.SKIP,
     obs_mod.ReuseInputObserver: SyncMode.SKIP,
+    nn.modules.batchnorm._BatchNorm: SyncMode.BATCH_NORM,
 }
 
 
@@ -176,10 +98,15 @@ def _mode_of(module: nn.Module) -> SyncMode | None:
     return None
 
 
-def _observers(model: nn.Module) -> list[tuple[str, nn.Module, SyncMode]]:
+def _tracks_batch_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+
+
+def _synced_modules(model: nn.Module) -> list[tuple[str, nn.Module, SyncMode]]:
+    """Every observer (inside fake quants too) and batch norm with running statistics, with its sync mode."""
     found, unknown = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, obs_mod.ObserverBase):
+        if not (isinstance(module, obs_mod.ObserverBase) or _tracks_batch_stats(module)):
             continue
         mode = _mode_of(module)
         if mode is None:
@@ -194,12 +121,14 @@ def _observers(model: nn.Module) -> list[tuple[str, nn.Module, SyncMode]]:
 
 
 def _settings(module: nn.Module) -> str:
-    keys = ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis", "bins", "averaging_constant")
+    keys = ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis", "bins", "averaging_constant", "num_features")
     return ",".join(f"{k}={getattr(module, k)}" for k in keys if hasattr(module, k))
 
 
-def _signature_lines(found: list[tuple[str, nn.Module, SyncMode]]) -> list[str]:
-    return [f"{name}: {type(m).__name__}[{mode.value}] {_settings(m)}" for name, m, mode in found]
+def _signature_lines(model: nn.Module, found: list[tuple[str, nn.Module, SyncMode]]) -> list[str]:
+    graphs = [f"graph {name or '<root>'}: {hashlib.sha256(m.code.encode()).hexdigest()[:16]}"
+              for name, m in model.named_modules() if isinstance(m, fx.GraphModule)]
+    return graphs + [f"{name}: {type(m).__name__}[{mode.value}] {_settings(m)}" for name, m, mode in found]
 
 
 def _comm_device(group: Any) -> torch.device:
@@ -209,7 +138,20 @@ def _comm_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_same_observers(lines: list[str], group: Any, device: torch.device) -> None:
+def _describe_difference(per_rank: list[list[str]]) -> str:
+    base = set(per_rank[0])
+    graphs, diffs = False, []
+    for rank, other in enumerate(per_rank[1:], start=1):
+        only_0, only_r = sorted(base - set(other)), sorted(set(other) - base)
+        graphs = graphs or any(line.startswith("graph ") for line in only_0 + only_r)
+        diffs.append(f"rank 0 only: {only_0[:5]}; rank {rank} only: {only_r[:5]}")
+    what = ("ranks disagree on the prepared graph (the same model, traced and prepared the same way, on every "
+            "rank?)" if graphs else "ranks disagree on the set of observers (same model, prepared the same way, "
+                                    "on every rank?)")
+    return f"{what}: " + " | ".join(diffs)
+
+
+def _check_same_model(lines: list[str], group: Any, device: torch.device) -> None:
     digest = hashlib.sha256("\n".join(lines).encode()).digest()
     mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
@@ -219,13 +161,7 @@ def _check_same_observers(lines: list[str], group: Any, device: torch.device) ->
         return
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, lines, group=group)
-    base = set(per_rank[0])
-    diffs = []
-    for rank, other in enumerate(per_rank[1:], start=1):
-        only_0, only_r = sorted(base - set(other)), sorted(set(other) - base)
-        diffs.append(f"rank 0 only: {only_0[:5]}; rank {rank} only: {only_r[:5]}")
-    raise ObserverSyncError("ranks disagree on the set of observers (same model, prepared the same way, on every "
-                            "rank?): " + " | ".join(diffs))
+    raise ObserverSyncError(_describe_difference(per_rank))
 
 
 def _refresh_fake_quants(model: nn.Module) -> None:
@@ -243,9 +179,9 @@ def _refresh_fake_quants(model: nn.Module) -> None:
             buf.resize_(new.shape).copy_(new.to(buf.device))
 
 
-def _run_rules(found: list[tuple[str, nn.Module, SyncMode]], buckets: _Buckets) -> None:
+def _run_rules(found: list[tuple[str, nn.Module, SyncMode]], buckets: Buckets) -> None:
     """Advance every rule generator one round at a time; one bucket flush per round on every rank."""
-    active: list[Iterator[None]] = [_RULES[mode](m, buckets) for _, m, mode in found]
+    active: list[Iterator[None]] = [RULES[mode](m, buckets) for _, m, mode in found]
     while active:
         still = []
         for gen in active:
@@ -258,40 +194,78 @@ def _run_rules(found: list[tuple[str, nn.Module, SyncMode]], buckets: _Buckets) 
         active = still
 
 
-def sync_observers(model: nn.Module, group: Any = None) -> int:
-    """All-reduce the statistics of every observer / fake quant in ``model`` across the ranks of ``group``.
+def _digest(module: nn.Module) -> int:
+    """A 64-bit hash of the module's own buffers (its statistics, not its parameters), bit for bit."""
+    hasher = hashlib.sha256()
+    for key, buf in sorted(module.named_buffers(recurse=False)):
+        if buf is None:
+            continue
+        hasher.update(key.encode())
+        hasher.update(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(hasher.digest()[:8], "little", signed=True)
 
-    Every rank must call it at the same point with the same model structure. Returns the number of observers
+
+def _require_process_group(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ObserverSyncError(f"{what} needs an initialised default process group: call "
+                                "torch.distributed.init_process_group(...) first (single-process runs need no sync)")
+
+
+def sync_observers(model: nn.Module, group: Any = None) -> int:
+    """All-reduce the statistics of every observer / fake quant and batch norm in ``model`` across the ranks of
+    ``group`` (rules in the module docstring).
+
+    Every rank must call it at the same point with the same model structure. Returns the number of modules
     whose statistics were combined. Raises :class:`ObserverSyncError` (on every rank alike) when
     ``torch.distributed`` is not initialised, an observer type has no sync rule, or the ranks hold different
-    observers.
+    graphs or observers.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ObserverSyncError("sync_observers needs an initialised default process group: call "
-                                "torch.distributed.init_process_group(...) first (single-process runs need no sync)")
+    _require_process_group("sync_observers")
     with torch.no_grad():
-        found = _observers(model)
+        found = _synced_modules(model)
         device = _comm_device(group)
-        _check_same_observers(_signature_lines(found), group, device)
-        _run_rules(found, _Buckets(group, device))
+        _check_same_model(_signature_lines(model, found), group, device)
+        _run_rules(found, Buckets(group, device))
         _refresh_fake_quants(model)
-    return sum(1 for _, _, mode in found if mode is not SyncMode.SKIP)
+        synced = [m for _, m, mode in found if mode is not SyncMode.SKIP]
+        for module in synced:
+            object.__setattr__(module, _SYNCED_ATTR, _digest(module))
+    return len(synced)
 
 
 def observers_in_sync(model: nn.Module, group: Any = None) -> bool:
-    """True when every rank holds bit-identical observer / fake-quant buffers (a cheap check before convert)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ObserverSyncError("observers_in_sync needs an initialised default process group")
+    """True when every rank holds bit-identical observer / fake-quant / batch-norm statistics (one all-reduce)."""
+    _require_process_group("observers_in_sync")
     hasher = hashlib.sha256()
-    for name, module, _ in _observers(model):
-        for key, buf in sorted(module.state_dict().items()):
-            hasher.update(f"{name}.{key}".encode())
-            hasher.update(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, module, _ in _synced_modules(model):
+        hasher.update(f"{name}:{_digest(module)}".encode())
     value = int.from_bytes(hasher.digest()[:8], "little", signed=True)
-    device = _comm_device(group)
-    both = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    both = torch.tensor([value, -value], dtype=torch.int64, device=_comm_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     return int(both[0]) == value and -int(both[1]) == value
+
+
+def unsynced_modules(model: nn.Module) -> list[str]:
+    """Names of the observers / batch norms whose statistics changed since this rank's last
+    :func:`sync_observers` (or that were never synced). Local: no communication."""
+    return [name or "<root>" for name, module, mode in _synced_modules(model)
+            if mode is not SyncMode.SKIP and getattr(module, _SYNCED_ATTR, None) != _digest(module)]
+
+
+def warn_if_unsynced(model: nn.Module, what: str = "convert_fx") -> None:
+    """In a job with more than one rank, warn (:class:`UnsyncedObserversWarning`) when statistics were not synced
+    since they last changed: ranks that calibrated on different shards would convert to different qparams.
+    Does nothing without an initialised process group of two or more ranks; never communicates."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    stale = unsynced_modules(model)
+    if stale:
+        more = f" (+{len(stale) - 5} more)" if len(stale) > 5 else ""
+        warnings.warn(f"{what} on rank {dist.get_rank()} of {dist.get_world_size()}: {len(stale)} observer / "
+                      f"batch-norm statistics changed since the last fxquant.distributed.sync_observers on this "
+                      f"rank, or were never synced: {', '.join(stale[:5])}{more}. Call sync_observers(model) on "
+                      f"every rank before converting (ignore this if every rank saw the same data).",
+                      UnsyncedObserversWarning, stacklevel=3)
 
 
 class ObserverSync:
@@ -313,7 +287,7 @@ class ObserverSync:
         self._handle: Any = None
 
     def sync(self) -> int:
-        """Sync now; returns the number of observers combined."""
+        """Sync now; returns the number of modules combined."""
         return sync_observers(self.model, self.group)
 
     def step(self) -> bool:

@@ -103,8 +103,10 @@ class FakeQuantize(FakeQuantizeBase):
             self._refresh_qparams()
         if self.fake_quant_enabled[0] == 1:
             axis = self.ch_axis if self.is_per_channel else None
-            X = fake_quantize_tensor(X, self.scale, self.zero_point, axis, self.activation_post_process.quant_min,
-                                     self.activation_post_process.quant_max)
+            # Copies: autograd keeps the qparams for backward, and the next forward of this module (a shared
+            # fake quant called twice, gradient accumulation) refreshes the buffers in place before backward runs.
+            X = fake_quantize_tensor(X, self.scale.clone(), self.zero_point.clone(), axis,
+                                     self.activation_post_process.quant_min, self.activation_post_process.quant_max)
         return X
 
     def extra_repr(self) -> str:
