@@ -114,7 +114,10 @@ def max_pool2d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 
     torch 2.13's channels-last kernel rejects uint8 / int8 images above 255 elements (its index type is the
     element type); its int16 kernel is fine and vectorized, so channels-last integer input goes through int16.
+    Tracers (torch.fx, when a pickled GraphModule is rebuilt) see it as one call, like ``F.max_pool2d``.
     """
+    if torch.overrides.has_torch_function_unary(x):
+        return torch.overrides.handle_torch_function(max_pool2d, (x,), x, *args, **kwargs)  # type: ignore[no-any-return]
     if x.dim() == 4 and x.dtype in RANGES and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous():
         return F.max_pool2d(x.to(torch.int16), *args, **kwargs).to(x.dtype)

@@ -60,6 +60,11 @@ class Lowering:
         self._qparams: dict[fx.Node, QParams] = {}
         self.original_weights: dict[str, list[Optional[torch.Tensor]]] = {}
         self.created: set[fx.Node] = set()  # nodes the rules made (never matched as reference ops)
+        self._calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self._calls[str(node.target)] = self._calls.get(str(node.target), 0) + 1
+        self._replaced: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ reading
     def qparams(self, node: fx.Node) -> QParams:
@@ -79,7 +84,14 @@ class Lowering:
 
     # ------------------------------------------------------------------------------------------ building
     def add_module(self, base: str, mod: nn.Module) -> str:
-        """Register ``mod`` on the root under a free name derived from ``base``."""
+        """Register ``mod`` on the root under a free name derived from ``base``; a module the graph calls once
+        (the reference module being lowered) is replaced in place, so lowered models keep the float model's names."""
+        if base in self.modules and self._calls.get(base, 0) == 1 and base not in self._replaced:
+            self._replaced.add(base)
+            parent, _, leaf = base.rpartition(".")
+            setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, mod)
+            self.modules[base] = mod
+            return base
         stem = base.replace(".", "_") or "lowered"
         name, k = stem, 0
         while hasattr(self.gm, name) or name in self.modules:

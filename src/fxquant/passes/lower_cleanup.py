@@ -8,9 +8,9 @@ After::    q = self.x_quantize(x)              # fxquant.nn.quantized.Quantize (
            y = self.output_dequantize(q2)      # DeQuantize
            d = self.x_fake_quant(x)            # FakeQuantizeDynamic
 
-Then dead nodes, unused submodules and root buffers / parameters that no node reads are removed (with
-``keep_original_weights`` the float weights of lowered modules go to ``model.original_weights_lookup``, as in
-torch.ao).
+Then dead nodes, unused submodules and root buffers / parameters that no node reads are removed. With
+``keep_original_weights`` the float weight (and bias) of every lowered module is kept in
+``model.original_weights_lookup[module name]`` (torch.ao's attribute) and as ``module.original_weight``.
 """
 from __future__ import annotations
 
@@ -72,11 +72,8 @@ def _swap_qdq(low: Lowering) -> None:
 def _drop_unread_attributes(gm: fx.GraphModule, low: Lowering) -> None:
     read = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for name in list(gm._buffers) + list(gm._parameters):
-        if name not in read:
-            value = getattr(gm, name)
+        if name not in read:  # (with keep_original_weights the lowered modules hold the float weights)
             delattr(gm, name)
-            if low.keep_original_weights and isinstance(value, nn.Parameter):
-                low.original_weights.setdefault(name, [value, None])
 
 
 def cleanup_graph_module(gm: fx.GraphModule, low: Lowering) -> fx.GraphModule:

@@ -56,17 +56,18 @@ def _part(low: Lowering, m: dict[str, fx.Node]) -> tuple[nn.Module, str]:
     return part, post  # type: ignore[return-value]
 
 
-def _record_original(low: Lowering, name: str, part: nn.Module) -> None:
-    weight = getattr(part, "original_weight", None)
-    low.keep_original(name, weight, getattr(part, "bias", None))
+def _record_original(low: Lowering, name: str, part: nn.Module, mod: nn.Module) -> None:
+    """keep_original_weights: the float weight stays reachable, on the module and in the model's lookup, outside
+    the state dict (an LSTM keeps several weights and is not recorded)."""
+    weight, bias = getattr(part, "original_weight", None), getattr(part, "bias", None)
+    if isinstance(weight, torch.Tensor):
+        weight = mod.__dict__["original_weight"] = weight.detach()
+        low.keep_original(name, weight, bias.detach() if isinstance(bias, torch.Tensor) else None)
 
 
 def _lowered_call(low: Lowering, m: dict[str, fx.Node], mod: nn.Module, args: tuple, part: nn.Module) -> fx.Node:
-    original = getattr(part, "original_weight", None)
-    if original is not None:  # keep_original_weights: the float weight stays reachable on the lowered module
-        mod.original_weight = original
     node = low.call_module(m.get("out", m["mod"]), str(m["mod"].target), mod, args)
-    _record_original(low, str(node.target), part)
+    _record_original(low, str(node.target), part, mod)
     return node
 
 
@@ -177,7 +178,7 @@ def _weight_only_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
         raise CannotLower(f"{cls.__name__} cannot apply {post}")
     node = low.call_module(m["mod"], str(m["mod"].target), mod, m["mod"].args)
     node.kwargs = dict(m["mod"].kwargs)
-    _record_original(low, str(node.target), part)
+    _record_original(low, str(node.target), part, mod)
     return node
 
 

@@ -147,8 +147,8 @@ def _functional_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
                "quant_max": qmax, **({"axis": w.args[3]} if per_channel else {})}
     mod = ref_cls.from_float(float_mod, qparams)
     original = str(w.args[0].target).removesuffix("_int")
-    if hasattr(low.gm, original):
-        mod.original_weight = getattr(low.gm, original)
+    if low.keep_original_weights and hasattr(low.gm, original):
+        mod.original_weight = nn.Parameter(getattr(low.gm, original).detach(), requires_grad=False)
     return low.call_module(node, f"{node.name}", mod, (args["input"],))
 
 
