@@ -198,3 +198,17 @@ def test_custom_module_is_observed_and_swapped():
     ref = fxquant.convert_to_reference_fx(prepared, convert_custom_config=ccc)
     assert isinstance(ref.custom, _QuantizedDoubler) and ref.custom.calls_seen_while_observing == 1
     torch.testing.assert_close(ref(*ex), model(*ex), atol=0.05, rtol=0.05)
+
+
+def test_narrow_weight_range_is_respected_after_convert():
+    torch.manual_seed(0)
+    model, ex = nn.Sequential(nn.Linear(16, 8)).eval(), (torch.randn(4, 16),)
+    four_bit = fxquant.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                          quant_min=-8, quant_max=7)
+    qconfig = fxquant.QConfig(activation=fxquant.default_observer, weight=four_bit)
+    prepared = fxquant.prepare_fx(model, fxquant.QConfigMapping().set_global(qconfig), ex)
+    prepared(*ex)
+    ref = fxquant.convert_to_reference_fx(prepared)
+    q = ref.get_submodule("0").weight_int
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    assert int(q.max()) == 7 or int(q.min()) == -8  # the range is used, not a narrower one

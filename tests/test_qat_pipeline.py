@@ -325,9 +325,6 @@ def test_qat_model_deepcopies_pickles_and_saves(tmp_path):
     assert torch.equal(fresh.eval()(*batches[0]), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="passes/to_reference._swap_weighted leaves a QAT module (and its weight fake "
-                                       "quant) in place when the convert-time qconfig_mapping sets it to None; "
-                                       "torch.ao swaps it to its float module (reported to the lead)")
 def test_convert_time_none_turns_a_qat_module_back_to_float():
     prepared, batches = _tiny()
     mapping = x86_mapping(fxquant).set_module_name("fc", None)

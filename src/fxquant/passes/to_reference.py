@@ -244,9 +244,11 @@ def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.
 
 def _swap_weighted(gm: fx.GraphModule, state: Any, float_nodes: set[str], keep_original: bool) -> None:
     for path, entry in state.weighted_modules.items():
-        if entry.node_name in float_nodes or entry.reference_cls is None:
-            continue
         mod = gm.get_submodule(path)
+        if entry.node_name in float_nodes or entry.reference_cls is None:
+            if hasattr(mod, "weight_fake_quant") and hasattr(mod, "to_float"):  # a QAT module left in float
+                set_module(gm, path, mod.to_float())
+            continue
         set_module(gm, path, _to_reference_module(mod, entry, keep_original))
 
 

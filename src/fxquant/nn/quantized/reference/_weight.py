@@ -15,8 +15,9 @@ Numerics match torch's x86 CPU quantizer bit for bit (checked against torch.ao i
 * per tensor:  ``q = clamp(rint(fma(w, 1/scale, zero_point)))`` -- torch's vectorized quantizer fuses the add;
 * per channel: ``q = clamp(rint(w * (1/scale) + zero_point))`` in float32, no fusion (integer or float zero point);
 * dequantize:  ``(q.float() - zero_point) * scale``;
-* values are clamped to the *dtype's* range (as ``torch.quantize_per_*`` does), not to the observer's
-  ``quant_min/quant_max``; ``quint4x2`` weights keep one 0..15 value per uint8 byte.
+* values are clamped to the observer's ``quant_min/quant_max`` when the qparams dict carries them (fxquant's
+  convert passes them), else to the dtype's range (torch.ao's dicts, as ``torch.quantize_per_*`` does);
+  ``quint4x2`` weights keep one 0..15 value per uint8 byte.
 """
 from __future__ import annotations
 
@@ -120,11 +121,22 @@ def parse_weight_qparams(qparams: Mapping[str, Any] | None, weight: torch.Tensor
     return spec, scale, zero_point
 
 
+def _weight_range(raw_dtype: Any, qparams: Mapping[str, Any]) -> tuple[int, int]:
+    """The clamp range: the observer's ``quant_min/quant_max`` when the dict carries them (fxquant's convert does),
+    else the dtype's (torch.ao's dicts). Better than torch.ao for narrow ranges: a 4-bit (-8..7) symmetric weight at
+    its observed extreme rounds to 8 and torch.ao stores that 8; fxquant clamps it to 7, as training did."""
+    qmin, qmax = dtype_range(raw_dtype)
+    lo, hi = qparams.get("quant_min"), qparams.get("quant_max")
+    if isinstance(lo, int) and isinstance(hi, int) and qmin <= lo < hi <= qmax:
+        return lo, hi
+    return qmin, qmax
+
+
 def _make_spec(name: str, raw_dtype: Any, qparams: Mapping[str, Any], weight: torch.Tensor,
                float_dtype: torch.dtype, where: str) -> WeightSpec:
     dtype = normalize_dtype(raw_dtype)
     if is_integer_qdtype(raw_dtype):
-        qmin, qmax = dtype_range(raw_dtype)
+        qmin, qmax = _weight_range(raw_dtype, qparams)
     elif is_float_qdtype(dtype):
         qmin = qmax = None
     else:
