@@ -318,3 +318,13 @@ def test_fake_kernels_give_shapes_and_dtypes_without_data() -> None:
 def test_opcheck_registration(name: str, args: tuple) -> None:
     """torch.library.opcheck: schema, fake kernel, autograd registration and AOT dispatch agree with the kernel."""
     torch.library.opcheck(getattr(F, name).default, args)
+
+
+def test_fake_quant_gradient_survives_in_place_qparam_updates():
+    x = torch.linspace(-1, 1, 11, requires_grad=True)
+    scale, zero_point = torch.tensor(0.01), torch.tensor(128)
+    y = ops.fake_quantize_per_tensor(x, scale, zero_point, 0, 255)
+    scale.mul_(2)  # an observer updating its qparams before backward
+    y.sum().backward()
+    expected = ((x / 0.01).round() + 128).clamp(0, 255).eq((x / 0.01).round() + 128).float()
+    assert torch.equal(x.grad, expected)

@@ -76,7 +76,10 @@ _FAKE_QUANT_OPS = ("fake_quantize_per_tensor", "fake_quantize_per_tensor.scalar"
 
 def _setup_fake_quant(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.is_tensor = [isinstance(v, Tensor) for v in inputs]
-    ctx.save_for_backward(*[v for v in inputs if isinstance(v, Tensor)])
+    # qparams are saved as copies (they are tiny): an observer updating its scale in place before backward
+    # (shared fake quants, gradient accumulation) must not invalidate this step's gradient
+    ctx.save_for_backward(*[v if i == 0 else v.detach().clone() for i, v in enumerate(inputs)
+                            if isinstance(v, Tensor)])
     ctx.constants = [v for v in inputs if not isinstance(v, Tensor)]
 
 
