@@ -18,6 +18,12 @@ conv2d, full-range input   split: 1x1 2.5x, 3x3 0.6-0.9x (float path 0.6-0.9x) -
 depthwise conv2d           onednn 0.66-1.26x, float path 0.41x -> onednn
 embedding / embedding bag  gather + dequantize rows: 3-6 aten ops per call vs 1 for fp32 -> a cached float table
                            (exact: the same dequantization) while it fits max_table_bytes
+small convs / linears      onednn's int8 ops build their primitive descriptor on every call: ~75 us at any size
+(fxquant lowering, 2026)   on this CPU (oneDNN verbose: create ~40 us, execute 6-10 us for an 8x8x16 3x3 conv).
+                           Below ~2^18 MACs a float conv with the qparams folded into weight and bias (4 aten ops)
+                           is 1.3x faster (66 vs 89 us, batch 1); at batch 16 onednn is 2x faster (97 vs 212 us).
+                           Linear: float below 2^20 MACs; dynamic linear: onednn only from 2^25 MACs (its quantize
+                           costs three more ops), e.g. BERT-base shapes at 128 tokens
 =========================  =========================================================================================
 
 (1 thread, medians of interleaved rounds; the machine was shared, so ratios moved by up to 2x between runs.)
@@ -78,10 +84,11 @@ class Facts:
     input_7bit: bool = False  # activations are known to stay in 0..127
     depthwise: bool = False
     pointwise: bool = False  # 1x1 conv
-    macs: int = 0  # multiply-accumulates of one call
+    macs: int = 0  # multiply-accumulates of one call (0: not known)
     fused_ok: bool = True  # onednn fuses the module's post-op for this op / rank
     compiling: bool = False  # torch.export / torch.compile tracing: plain aten ops only
     table_bytes: int = 0  # embedding: size of the table in float32
+    binary: bool = False  # the post-op adds a second quantized operand
 
 
 CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
@@ -92,6 +99,9 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "depthwise": lambda f, v: f.depthwise == v,
     "pointwise": lambda f, v: f.pointwise == v,
     "min_macs": lambda f, v: f.macs >= v,
+    "max_macs": lambda f, v: 0 < f.macs < v,  # (0: not known)
+    "macs_unknown_or_at_least": lambda f, v: f.macs == 0 or f.macs >= v,
+    "binary": lambda f, v: f.binary == v,
     "fused_ok": lambda f, v: f.fused_ok == v,
     "avx512": lambda f, v: cpu_has_avx512() == v,
     "compiling": lambda f, v: f.compiling == v,
@@ -111,18 +121,19 @@ class Rule:
 _EAGER_CPU = {"device": "cpu", "compiling": False, "onednn_ok": True}
 RULES: dict[str, tuple[Rule, ...]] = {
     "linear": (
-        Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "exact_u8s8": True}),
+        Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "macs_unknown_or_at_least": 2**20, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),
     "conv": (
+        Rule("float", {"compiling": False, "max_macs": 2**18, "depthwise": False, "binary": False}),
         Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
         Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "exact_u8s8": False, "pointwise": True}),
         Rule("float"),
     ),
     "linear_dynamic": (
-        Rule("onednn", {**_EAGER_CPU, "min_rows": 64, "exact_u8s8": True}),
+        Rule("onednn", {**_EAGER_CPU, "min_rows": 64, "macs_unknown_or_at_least": 2**25, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),

@@ -14,13 +14,14 @@ non-zero ``padding_mode``, string padding, transposed convs, other devices and `
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import onednn, portable, x86
+from fxquant.kernels import onednn, portable, uint8, x86
 from fxquant.nn.quantized._base import QuantizedModuleBase
 from fxquant.nn.quantized._lowering import from_reference_args, reference_weight
 
@@ -73,6 +74,7 @@ class _QuantizedConvNd(QuantizedModuleBase):
             raise ValueError(f"{self._get_name()}: expected a {self._SPATIAL + 2}-d (batched) quantized input, "
                              f"got shape {tuple(x.shape)}")
         facts = x86.Facts(device=x.device.type, rows=x.shape[0], onednn_ok=self._conv_onednn_ok(),
+                          macs=self._macs(x), binary=self.post_op in portable.BINARY_POST_OPS,
                           input_7bit=self.input_spec.quant_max <= 127,
                           depthwise=self.groups > 1 and self.groups == self.in_channels,
                           pointwise=all(k == 1 for k in self.kernel_size),
@@ -83,6 +85,12 @@ class _QuantizedConvNd(QuantizedModuleBase):
         run = _PLANS[kernel](self, kernel) if kernel in _PLANS else _generic_plan(self, kernel)
         self._kernel_cache[(x.shape[0], x.is_cpu)] = run
         return run(x, other)  # type: ignore[no-any-return]
+
+    def _macs(self, x: torch.Tensor) -> int:
+        """Multiply-accumulates of one call (output size estimated from the input and the strides)."""
+        per_output = (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        spatial = math.prod(x.shape[2:]) // max(math.prod(self.stride), 1)
+        return int(x.shape[0] * self.out_channels * spatial * per_output)
 
     def _conv_onednn_ok(self) -> bool:
         plain = not self._TRANSPOSED and self.padding_mode == "zeros" and not isinstance(self.padding, str)
@@ -201,7 +209,29 @@ def _onednn_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     return run_unary
 
 
-_PLANS: dict[str, Callable[[_QuantizedConvNd, str], Plan]] = {"onednn": _onednn_plan}
+def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
+    """Float conv with both qparams folded into weight and bias: ``clamp(conv(q - zp_in, W * s_in / s_out,
+    b / s_out + zp_out))`` -- four aten ops (the subtraction also converts to float). For the small convs the
+    kernel rules send here this beats onednn's per-call setup; binary post-ops and transposed convs go generic."""
+    if mod.post_op not in ("none", "relu") or mod._TRANSPOSED or mod.padding_mode != "zeros" \
+            or mod.output_spec.dtype.is_floating_point:
+        return _generic_plan(mod, kernel)
+    spec, zp_in = mod.output_spec, int(mod.input_zero_point)
+    inv_out, zp_out = 1.0 / float(mod.output_scale), int(mod.output_zero_point)
+    w = (mod.float_weight() * (float(mod.input_scale) * inv_out)).contiguous()
+    b = (torch.zeros(mod.out_channels) if mod.bias is None else mod.bias * inv_out) + \
+        (zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
+    neg_zp = uint8.offset(-zp_in) if zp_in else None
+    conv, geometry = _CONV_FN[mod._SPATIAL], (mod.stride, mod.padding, mod.dilation, mod.groups)
+
+    def run(x: torch.Tensor, other: Any) -> torch.Tensor:
+        xf = x.to(torch.float32) if neg_zp is None else torch.add(neg_zp, x)
+        return uint8.finish(conv(xf, w, b, *geometry), lo, spec.quant_max, spec.dtype, exact=False)
+    return run
+
+
+_PLANS: dict[str, Callable[[_QuantizedConvNd, str], Plan]] = {"onednn": _onednn_plan, "float": _float_plan}
 
 
 class Conv1d(_QuantizedConvNd):
