@@ -7,12 +7,14 @@
 Runs in a throwaway environment with torchvision / transformers installed (never used by the tests or CI). For each
 model: prepare_fx (x86 default mapping) -> calibrate on 2 batches -> convert_to_reference_fx -> convert_fx, then prints
 one table row: the first stage that failed with its exception, or ok with the reference (and lowered) model's output
-SQNR vs the float model, and the time per stage. Where this torch still has torch.ao, the same recipe through torch.ao
-gives an oracle SQNR column (random-init nets are chaotic: tens of dB is not to be expected everywhere). Batch norms get
-running statistics from two train-mode passes first, and all-zero heads random weights, so outputs are not ~0. Hugging Face models are first given to prepare_fx as they are (most
-fail plain torch.fx tracing: the row shows fxquant's message); a second row passes either a GraphModule made by
-``transformers.utils.fx.symbolic_trace`` (``<name>+hf_trace``, transformers < 5) or, as fxquant's message for a
-decorated forward suggests, a wrapper module whose forward names its input (``<name>+wrapped``).
+SQNR vs the float model, and the time per stage. "ok (traced on inputs)": plain torch.fx failed and prepare_fx traced
+the model on its example inputs instead (fxquant.tracing; Hugging Face models). Where a Hugging Face model fails, a
+second row passes either a GraphModule made by ``transformers.utils.fx.symbolic_trace`` (``<name>+hf_trace``,
+transformers < 5) or a wrapper module whose forward names its input (``<name>+wrapped``).
+
+Where this torch still has torch.ao, the same recipe through torch.ao gives an oracle SQNR column: random-init nets are
+chaotic, tens of dB is not to be expected everywhere. Batch norms first get running statistics from two train-mode
+passes, and all-zero heads random weights, so that outputs are not ~0.
 
 Each regression found here is reproduced without torchvision / transformers in tests/test_real_constructs.py.
 """
@@ -120,12 +122,20 @@ HUGGINGFACE: dict[str, Factory] = {
     "roberta": _hf("roberta", "RobertaModel", **_SMALL),
     "albert": _hf("albert", "AlbertModel", embedding_size=32, **_SMALL),
     "electra": _hf("electra", "ElectraModel", embedding_size=32, **_SMALL),
-    "gpt2": _hf("gpt2", "GPT2Model", n_embd=64, n_layer=2, n_head=4, vocab_size=1000),
+    "gpt2": _hf("gpt2", "GPT2Model", n_embd=64, n_layer=2, n_head=4, vocab_size=1000, use_cache=False),
     "t5_encoder": _hf("t5", "T5EncoderModel", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                       vocab_size=1000),
     "llama": _hf("llama", "LlamaModel", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, use_cache=False),
+    "qwen2": _hf("qwen2", "Qwen2Model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, use_cache=False),
+    "deberta_v2": _hf("deberta-v2", "DebertaV2Model", **_SMALL),
+    "mobilebert": _hf("mobilebert", "MobileBertModel", embedding_size=32, intra_bottleneck_size=32,
+                      true_hidden_size=32, num_feedforward_networks=2, **_SMALL),
+    "bart": _hf("bart", "BartModel", d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000, use_cache=False),
     "vit": _hf("vit", "ViTModel", text=False, image_size=64, patch_size=16, **_SMALL),
+    "clip_vision": _hf("clip_vision_model", "CLIPVisionModel", text=False, image_size=64, patch_size=16, **_SMALL),
     "convnext_hf": _hf("convnext", "ConvNextModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
                        depths=[1, 1, 1, 1]),
 }
@@ -213,7 +223,7 @@ def run_one(name: str, model: nn.Module, inputs: Callable[[int], tuple], verbose
         with torch.no_grad():
             expected = model(*example)
         stages: list[tuple[str, Callable[[Any], Any]]] = [
-            ("prepare", lambda _: tq.prepare_fx(model, tq.get_default_qconfig_mapping("x86"), example)),
+            ("prepare", lambda _: _prepare(model, example, row)),
             ("calibrate", lambda p: _calibrate(p, inputs)),
             ("reference", lambda p: (p, tq.convert_to_reference_fx(copy.deepcopy(p)))),
             ("convert", lambda pr: (pr[1], tq.convert_fx(pr[0]))),
@@ -252,6 +262,16 @@ def torchao_reference_sqnr(model: nn.Module, inputs: Callable[[int], tuple], exp
             return sqnr(expected, reference(*inputs(0)))
     except Exception:  # noqa: BLE001 — torch.ao's own failures are not ours to report
         return None
+
+
+def _prepare(model: nn.Module, example: tuple, row: Row) -> nn.Module:
+    """prepare_fx; the row's status says when fxquant had to trace on the example inputs (plain torch.fx failed)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = tq.prepare_fx(model, tq.get_default_qconfig_mapping("x86"), example)
+    if any("traced it on example_inputs" in str(w.message) for w in caught):
+        row.status = "ok (traced on inputs)"
+    return prepared
 
 
 def _calibrate(prepared: nn.Module, inputs: Callable[[int], tuple]) -> nn.Module:
@@ -331,7 +351,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.alarm(args.timeout)
         try:
             rows.append(run_one(name, model, inputs, args.verbose))
-            if is_hf:
+            if is_hf and rows[-1].error:
                 rows.append(_run_hf_alternative(name, model, inputs, args.verbose))
         except _Timeout as exc:
             rows.append(Row(name, "TIMEOUT", error=str(exc)))

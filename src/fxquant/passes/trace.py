@@ -122,7 +122,7 @@ def _explain_failure(exc: Exception, tracer: QuantizationTracer, root: nn.Module
     if frame is not None:
         line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         where = f" at {frame.filename}:{frame.lineno}: `{line}`"
-    decorated = "" if path else _misbound_root_forward(root)
+    decorated = "" if path or getattr(tracer, "binds_decorated_forward", False) else _misbound_root_forward(root)
     why = decorated or next((why for fragment, why in _WHY if fragment in str(exc)), "")
     alt = ("; or trace the model yourself (torch.fx.Tracer with concrete_args, custom leaf modules, a library's "
            "own FX tracer) and give prepare_fx the GraphModule: modules it calls stay leaves.")
@@ -152,18 +152,39 @@ def _graph_leaves(model: nn.Module) -> list[str]:
 
 
 def symbolic_trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
-    """Trace ``model`` with :class:`QuantizationTracer`; clear errors on failure."""
+    """Trace ``model`` with :class:`QuantizationTracer`; where torch.fx fails and example inputs are given, again
+    with :class:`fxquant.tracing.ConcreteTracer` (sizes the code needs as Python values fixed to the example's,
+    with a warning); clear errors on failure."""
     names, classes = _custom_config_lists(ctx)
     names += _graph_leaves(model)
     tracer = QuantizationTracer(names, classes)
+    # a GraphModule reads buffers as explicit get_attr nodes (`self.ids[:, :n]`): keep them nodes when re-tracing
+    tracer.proxy_buffer_attributes = isinstance(model, fx.GraphModule)
     try:
-        graph = tracer.trace(model)
+        gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
     except Exception as exc:  # torch.fx raises many types; all are reported the same way
-        raise _explain_failure(exc, tracer, model) from exc
-    gm = fx.GraphModule(model, graph, type(model).__name__)
+        if not ctx.example_inputs:
+            raise _explain_failure(exc, tracer, model) from exc
+        gm, tracer = _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc)
     for node in gm.graph.nodes:
         node.meta["fxquant_scope"] = tracer.node_name_to_scope.get(node.name, ("", type(model)))
     return gm
+
+
+def _trace_on_inputs(model: nn.Module, names: list[str], classes: list[type], example_inputs: tuple,
+                     first: Exception) -> tuple[fx.GraphModule, QuantizationTracer]:
+    from ..tracing import ConcreteTracer, concrete_trace
+
+    tracer = ConcreteTracer(example_inputs, names, classes)
+    try:
+        gm = concrete_trace(tracer, model)
+    except Exception as exc:  # still untraceable: report where the example-driven trace stopped
+        raise _explain_failure(exc, tracer, model) from exc
+    warnings.warn(f"fxquant: torch.fx cannot trace {type(model).__name__} as it is ({type(first).__name__}: "
+                  f"{str(first).splitlines()[0][:200]}); traced it on example_inputs instead, where the code needs "
+                  f"sizes as Python values they are fixed to the example's (checked at run time). See "
+                  f"fxquant.tracing.", stacklevel=7)
+    return gm, tracer
 
 
 @dataclass(frozen=True)
