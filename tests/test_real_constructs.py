@@ -573,3 +573,50 @@ def test_trace_on_example_inputs_keeps_the_mode_and_leaves_the_model_untouched()
     assert prepared.training
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=f"{k} changed by tracing")
+
+
+class _WeightShapeReader(nn.Module):  # a forward that reads a weighted module's parameter metadata
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        channels = self.conv.weight.shape[0]
+        return self.fc(y.view(y.size(0), channels, -1).mean(-1))
+
+
+def test_parameter_metadata_read_in_forward_is_a_constant_and_survives_convert() -> None:
+    torch.manual_seed(0)
+    model = _WeightShapeReader().eval()
+    assert not [n for n in _prepare(model, _images()).graph.nodes if n.op == "get_attr"]
+    reference, lowered = _quantize_all(model, _images())
+    x = _images()(3)[0]
+    with torch.no_grad():
+        assert _sqnr(model(x), reference(x)) > 20.0 and _sqnr(model(x), lowered(x)) > 20.0
+
+
+class _SizesIntoFactories(nn.Module):  # DeBERTa / BART / T5: torch.tensor(size), torch.ones(b, n), setitem, .dtype
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.fc.weight.dtype)
+        scale = torch.sqrt(torch.tensor(x.size(-1), dtype=torch.float))
+        mask = torch.ones(x.shape[0], x.shape[1], device=x.device)
+        shifted = x.new_zeros(x.shape)
+        shifted[:, 1:] = x[:, :-1]
+        return self.fc(shifted / scale) * mask[..., None]
+
+
+def test_sizes_given_to_torch_factories_and_setitem_are_traced_on_inputs() -> None:
+    torch.manual_seed(0)
+    model = _SizesIntoFactories().eval()
+    with pytest.warns(UserWarning, match="traced it on example_inputs"):
+        _prepare(model)
+    reference, lowered = _quantize_all(model, _tokens())
+    with torch.no_grad():
+        for x in (_tokens()(3)[0], torch.randn(3, 9, 16)):  # no size was fixed: other shapes run too
+            assert _sqnr(model(x), reference(x)) > 20.0 and _sqnr(model(x), lowered(x)) > 20.0

@@ -65,14 +65,28 @@ class _Concrete:
 
 class ConcreteProxy(_Concrete, fx.Proxy):
     def __getattr__(self, k: str) -> Any:
+        if k.startswith("__") and k.endswith("__"):  # protocol probes (`__cuda_array_interface__`, ...): not ops
+            raise AttributeError(k)
         if k in _STATIC_ATTRS:
             value = getattr(self.tracer.value_of(self), k)
             return value() if k == "is_floating_point" else value
         return ConcreteAttribute(self, k)
 
 
+    def __setitem__(self, index: Any, value: Any) -> None:  # `y[:, 1:] = x[:, :-1]`: an in-place node
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 class ConcreteAttribute(_Concrete, Attribute):
     pass
+
+
+# torch functions that cannot take traced values as torch.fx expects (see ConcreteTracer.trace)
+_RECORDED = ("tensor", "ones", "zeros", "empty", "rand", "randn")
+
+
+def _holds_proxy(data: Any) -> bool:
+    return any(isinstance(x, fx.Proxy) for x in pytree.tree_leaves(data))
 
 
 def _untraced() -> Any:
@@ -159,7 +173,8 @@ class ConcreteTracer(QuantizationTracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
                      type_expr: Optional[Any] = None, proxy_factory_fn: Any = None) -> fx.Proxy:
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        # parameters too become ConcreteProxy (not torch.fx's ParameterProxy): `.dtype` and sizes answer from values
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, None)
         if kind != "output":
             self.values[proxy.node] = self._run(kind, target, args, kwargs)
             self.data_dependent[proxy.node] = kind in ("placeholder", "get_attr") or (
@@ -190,6 +205,27 @@ class ConcreteTracer(QuantizationTracer):
 
     def keys(self, obj: fx.Proxy) -> Any:
         return self.value_of(obj).keys()
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """torch.fx's trace, with the torch functions of ``_RECORDED`` recorded as calls when given traced values:
+        torch.tensor reads its data as a Python sequence, and ``torch.ones(b, n)`` parses sizes given one by one
+        before any proxy can intercept it."""
+        originals = {name: getattr(torch, name) for name in _RECORDED}
+        for name, fn in originals.items():
+            setattr(torch, name, self._recording(fn))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+
+    def _recording(self, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _holds_proxy((args, kwargs)):
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return call
 
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, list]:
         """One placeholder per example input, named like the forward's parameters; the other parameters keep their

@@ -166,9 +166,48 @@ def symbolic_trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
         if not ctx.example_inputs:
             raise _explain_failure(exc, tracer, model) from exc
         gm, tracer = _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc)
+    _fold_parameter_metadata(gm)
     for node in gm.graph.nodes:
         node.meta["fxquant_scope"] = tracer.node_name_to_scope.get(node.name, ("", type(model)))
     return gm
+
+
+_PARAM_METADATA_ATTRS = frozenset({"shape", "dtype", "ndim", "device"})
+_PARAM_METADATA_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def _parameter_metadata(user: fx.Node, param: nn.Parameter) -> tuple[bool, Any]:
+    """(True, value) when ``user`` reads only metadata of ``param`` (its first argument) with constant arguments."""
+    rest = user.args[1:]
+    if any(isinstance(a, fx.Node) for a in rest) or user.kwargs:
+        return False, None
+    if user.op == "call_function" and user.target is getattr and rest and rest[0] in _PARAM_METADATA_ATTRS:
+        return True, getattr(param, rest[0])
+    if user.op == "call_method" and user.target in _PARAM_METADATA_METHODS:
+        return True, getattr(param, str(user.target))(*rest)
+    return False, None
+
+
+def _fold_parameter_metadata(gm: fx.GraphModule) -> None:
+    """``self.conv.weight.shape[0]`` / ``.dtype`` / ``.size(1)``: constants, not reads of the weight at run time.
+
+    A parameter's shape and dtype do not change, and convert swaps ``conv`` for a module that may hold its weight
+    under another name: a get_attr left for metadata would break the converted graph. Unused get_attr go too.
+    """
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or str(node.target) not in params:
+            continue
+        for user in list(node.users):
+            folds, value = _parameter_metadata(user, params[str(node.target)])
+            if not folds:
+                continue
+            for consumer in list(user.users):
+                consumer.args = fx.node.map_arg(consumer.args, lambda n: value if n is user else n)
+                consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: value if n is user else n)
+            gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
 
 
 def _trace_on_inputs(model: nn.Module, names: list[str], classes: list[type], example_inputs: tuple,
