@@ -1,11 +1,11 @@
 """convert_fx lowering on the model zoo: the lowered model equals our reference model, with the expected kernels.
 
 Tolerance (stated once): static models are compared in steps of the output quantizer (the final DeQuantize's
-scale). Models without a fused residual add are exact (0 steps): onednn and the integer kernels reproduce the
-reference arithmetic. A residual add fused into the conv (onednn's binary post-op) skips the rounding of the
-conv's own output, so each fused op may differ by one step of its output; through a network this reaches at most
-2 steps of the final output, on at most 10 % of its values. Dynamic and weight-only models (float outputs) agree
-to float32 rounding (1e-5 relative).
+scale). Each lowered op is within one step of its own output: the int8 kernels reproduce the reference arithmetic,
+quantizing float data rounds half up (ties differ by one step), and a residual add or an activation fused into
+the conv (onednn post-ops) skips the rounding of the conv's own output. Through a network that reaches at most
+2 steps of the final output (resnet18, with 8 fused residual adds; on at most 10 % of the values) and 1 step
+elsewhere. Dynamic and weight-only models (float outputs) agree to float32 rounding (1e-5 relative).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ EXPECTED: dict[str, tuple[dict[str, int], float, float]] = {
                   "max_pool2d": 1}, 2, 0.10),
     "mobilenet_v2": ({"quantized.Conv2d": 19, "quantized.Linear": 1, "quantized.Quantize": 1,
                       "quantized.DeQuantize": 1}, 1, 0.0),
-    "mobilenet_v3_small": ({"quantized.Conv2d": 27, "quantized.Linear": 2, "quantized.LookupTable": 13,
+    "mobilenet_v3_small": ({"quantized.Conv2d": 27, "quantized.Linear": 2, "quantized.LookupTable": 5,
                             "quantized.QuantizedBinary": 4}, 1, 0.0),
     "bert_encoder": ({"quantized.LinearDynamic": 14}, 0, 0.0),
     "lstm_classifier": ({"quantized.LSTM": 1, "quantized.LinearDynamic": 1, "quantized.FakeQuantizeDynamic": 1},

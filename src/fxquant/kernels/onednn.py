@@ -19,12 +19,13 @@ _OPS = torch.ops.onednn
 
 # post-op name -> (onednn unary attr, algorithm)
 UNARY: dict[str, tuple[str, str]] = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
-                                     "gelu_tanh": ("gelu", "tanh")}
+                                     "gelu_tanh": ("gelu", "tanh"), "hardswish": ("hardswish", ""),
+                                     "silu": ("swish", "")}
 # binary post-op name -> unary attr applied after the sum
 BINARY: dict[str, str] = {"add": "none", "add_relu": "relu"}
 # post-ops onednn fuses into a conv, by spatial rank (torch 2.13; others run unfused)
 CONV_FUSED: dict[int, frozenset[str]] = {1: frozenset({"none", "relu"}),
-                                         2: frozenset({"none", "relu", "add", "add_relu"}),
+                                         2: frozenset({"none", "relu", "add", "add_relu", "hardswish", "silu"}),
                                          3: frozenset({"none"})}
 
 

@@ -44,6 +44,8 @@ UNARY_POST_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "hardswish": F.hardswish,
+    "silu": F.silu,
 }
 # binary post-op -> unary post-op applied after adding the other operand
 BINARY_POST_OPS: dict[str, str] = {"add": "none", "add_relu": "relu"}

@@ -21,7 +21,9 @@ embedding / embedding bag  gather + dequantize rows: 3-6 aten ops per call vs 1 
 small convs / linears      onednn's int8 ops build their primitive descriptor on every call: ~75 us at any size
 (fxquant lowering, 2026)   on this CPU (oneDNN verbose: create ~40 us, execute 6-10 us for an 8x8x16 3x3 conv).
                            Below ~2^18 MACs a float conv with the qparams folded into weight and bias (4 aten ops)
-                           is 1.3x faster (66 vs 89 us, batch 1); at batch 16 onednn is 2x faster (97 vs 212 us).
+                           is 1.3x faster (66 vs 89 us, batch 1); at batch 16 onednn is 2x faster (97 vs 212 us),
+                           and whole models at batch 16 ran 10-20% slower with small convs in float -> batch <= 2.
+                           Depthwise: onednn 52 us vs float 85-160 us at batch 1 -> onednn.
                            Linear: float below 2^20 MACs; dynamic linear: onednn only from 2^25 MACs (its quantize
                            costs three more ops), e.g. BERT-base shapes at 128 tokens
 =========================  =========================================================================================
@@ -94,6 +96,7 @@ class Facts:
 CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "device": lambda f, v: f.device == v,
     "min_rows": lambda f, v: f.rows >= v,
+    "max_rows": lambda f, v: f.rows <= v,
     "onednn_ok": lambda f, v: (f.onednn_ok and onednn_available()) == v,
     "exact_u8s8": lambda f, v: (f.input_7bit or cpu_has_vnni()) == v,
     "depthwise": lambda f, v: f.depthwise == v,
@@ -126,7 +129,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("float"),
     ),
     "conv": (
-        Rule("float", {"compiling": False, "max_macs": 2**18, "depthwise": False, "binary": False}),
+        Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False, "binary": False}),
         Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
         Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "exact_u8s8": False, "pointwise": True}),

@@ -2,8 +2,9 @@
 
 * :data:`INTEGER_OPS` move or select values without computing new ones (shape ops, max pooling, nearest
   upsampling, chunk / split), so ``op(dequantize(q)) == dequantize(op(q))`` exactly: the dequantize sinks below
-  them and they run on the uint8 tensor. Each entry says when the op qualifies (e.g. interpolate only in
-  ``nearest`` mode) and whether it returns several tensors (then its ``getitem`` users get the dequantize).
+  them and they run on the uint8 tensor. Each entry says when the op qualifies and whether it returns several
+  tensors (then its ``getitem`` users get the dequantize). Bilinear resizing also runs on uint8 (torch's kernel,
+  one rounding: within one step of the float op).
 * :data:`SHAPE_QUERIES` read only the shape: they take the integer tensor as is.
 * :data:`AFFINE_OPS` are linear with weights summing to one (average pooling, mean, bilinear interpolation):
   ``op((q - zp) * s) == (op(q) - zp) * s``, so they run in float on ``q.float()`` and a requantize folds both
@@ -46,6 +47,15 @@ def _nearest(node: fx.Node, mod: Any) -> bool:
     return mode == "nearest"
 
 
+def _mode(node: fx.Node, mod: Any) -> Any:
+    return getattr(mod, "mode", None) if mod is not None else node_arg(node, 3, "mode", "nearest")
+
+
+def _integer_resize(node: fx.Node, mod: Any) -> bool:
+    """nearest (exact) or bilinear: torch's uint8 bilinear kernel rounds once, within one step of the float op."""
+    return _mode(node, mod) in ("nearest", "bilinear")
+
+
 def _not_nearest(node: fx.Node, mod: Any) -> bool:
     return not _nearest(node, mod)
 
@@ -76,8 +86,8 @@ INTEGER_OPS: dict[Any, tuple[Check, bool]] = {
         nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle, "flip", torch.flip, "roll", torch.roll)},
     **{k: (_no_indices, False) for k in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d,
                                          F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d)},
-    **{k: (_nearest, False) for k in (nn.Upsample, F.interpolate, F.upsample)},
-    nn.UpsamplingNearest2d: (_always, False),
+    **{k: (_integer_resize, False) for k in (nn.Upsample, F.interpolate, F.upsample)},
+    nn.UpsamplingNearest2d: (_always, False), nn.UpsamplingBilinear2d: (_always, False),
     **{k: (_always, True) for k in ("chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)},
 }
 SHAPE_QUERIES = frozenset({"size", "dim", "numel"})
@@ -100,8 +110,7 @@ AFFINE_OPS: dict[Any, Check] = {
                             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, "mean", torch.mean)},
     **{k: _pool_no_padding for k in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d,
                                      F.avg_pool3d)},
-    **{k: _not_nearest for k in (nn.Upsample, F.interpolate, F.upsample)},
-    nn.UpsamplingBilinear2d: _always,
+    **{k: _not_nearest for k in (nn.Upsample, F.interpolate, F.upsample)},  # bicubic, trilinear, ...
 }
 
 UNARY_OPS = frozenset({

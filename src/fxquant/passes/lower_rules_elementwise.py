@@ -15,15 +15,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 from .. import nn as fnn
 from ..kernels.uint8 import RANGES
 from .lower_build import Lowering, Rule
 from .lower_match import Pat, attr_value, kind_of
-from .lower_ops import AFFINE_OPS, UNARY_OPS
+from .lower_ops import AFFINE_OPS, UNARY_OPS, node_arg
 
-__all__ = ["ELEMENTWISE_RULES", "lookup_table"]
+__all__ = ["ELEMENTWISE_RULES", "lookup_table", "UNARY_CHAIN"]
+
+UNARY_CHAIN = "fxquant_unary_chain"  # node.meta of a LookupTable call: (op kinds of the chain, output QParams)
 
 Q = fnn.quantized
 _BINARY = frozenset({"add", "mul"})
@@ -98,7 +101,9 @@ def _table_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
         return x  # type: ignore[return-value]
     if bounds is not None:
         return low.call(q, "call_function", torch.clamp, (x, *bounds))
-    return low.call_module(q, f"{(chain[-1] if chain else q).name}_table", Q.LookupTable(table), (x,))
+    node = low.call_module(q, f"{(chain[-1] if chain else q).name}_table", Q.LookupTable(table), (x,))
+    node.meta[UNARY_CHAIN] = (tuple(kind_of(n, low.modules) for n in chain), low.qparams(q))  # for lower_rules_fold
+    return node
 
 
 def _requantized(low: Lowering, dq: fx.Node, q: fx.Node) -> fx.Node:
@@ -138,11 +143,29 @@ def _affine_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
     return {"out": node, "op": op, "dq_x": op.args[0]}
 
 
+def _global_average(op: fx.Node, low: Lowering) -> bool:
+    """An adaptive average pool to one pixel (a mean over the spatial dims: one op with the float cast)."""
+    mod = low.module(op)
+    size = getattr(mod, "output_size", None) if mod is not None else node_arg(op, 1, "output_size")
+    if ((size,) if isinstance(size, int) else tuple(size or ())) not in ((1,), (1, 1)):
+        return False
+    return type(mod) is nn.AdaptiveAvgPool2d or op.target is F.adaptive_avg_pool2d
+
+
+def _float_op(low: Lowering, q: fx.Node, op: fx.Node, x: fx.Node) -> fx.Node:
+    """``op`` on the float values of integer ``x``, folding the cast into the op where one takes a dtype."""
+    if _global_average(op, low):
+        return low.call(q, "call_function", torch.mean, (x, (-2, -1)), {"keepdim": True, "dtype": torch.float32})
+    if kind_of(op, low.modules) in ("mean", torch.mean) and "dtype" not in op.kwargs and len(op.args) <= 3:
+        return low.call(q, op.op, op.target, (x,) + tuple(op.args[1:]), {**op.kwargs, "dtype": torch.float32})
+    xf = low.call(q, "call_method", "to", (x, torch.float32))
+    return low.call(q, op.op, op.target, (xf,) + tuple(op.args[1:]), dict(op.kwargs))
+
+
 def _affine_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     q, op, dq = m["out"], m["op"], m["dq_x"]
     xq, out = low.qparams(dq), low.qparams(q)
-    xf = low.call(q, "call_method", "to", (dq.args[0], torch.float32))
-    y = low.call(q, op.op, op.target, (xf,) + tuple(op.args[1:]), dict(op.kwargs))
+    y = _float_op(low, q, op, dq.args[0])
     mod = Q.Requantize(xq.scale, xq.zero_point, out.scale, out.zero_point, out.dtype, out.quant_min, out.quant_max)
     return low.call_module(q, f"{op.name}_requant", mod, (y,))
 

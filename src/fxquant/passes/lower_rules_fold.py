@@ -1,20 +1,24 @@
 """Rules that fold what the other rules produced into the lowered modules (visited in graph order, last)::
 
-    clamp(QConv(x), lo, hi)   -> QConv(x) with output range [lo, hi]     (ReLU6 / hardtanh after a conv)
+    clamp(QConv(x), lo, hi)         -> QConv(x) with output range [lo, hi]     (ReLU6 / hardtanh after a conv)
+    LookupTable[hardswish](QConv(x)) -> QConv(x) with post_op hardswish, the table's output qparams
 
 A clamp of the integer output is exact to fold: the conv's onednn kernel applies it as a fused ``hardtanh``
-before quantizing (quantization is monotonic).
+before quantizing (quantization is monotonic). A folded activation skips the rounding of the conv's own output
+(as the fused residual add does), so that output may differ from the reference by one step of it.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 from .. import nn as fnn
 from .lower_build import Lowering, Rule
 from .lower_match import Pat
+from .lower_rules_elementwise import UNARY_CHAIN
 
 __all__ = ["FOLD_RULES"]
 
@@ -46,6 +50,35 @@ def _clamp_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     return src
 
 
+# activations onednn applies inside an int8 conv (a 2-d one: see fxquant.kernels.onednn.CONV_FUSED)
+_CONV_ACTIVATIONS = {nn.Hardswish: "hardswish", F.hardswish: "hardswish", nn.SiLU: "silu", F.silu: "silu"}
+
+
+def _activation_when(low: Lowering, m: dict[str, fx.Node]) -> str:
+    chain, out = m["out"].meta.get(UNARY_CHAIN, ((), None))
+    src = _producer(low, m)
+    mod = low.module(src) if isinstance(src, fx.Node) else None
+    if len(chain) != 1 or chain[0] not in _CONV_ACTIVATIONS:
+        return "not one activation a conv can apply"
+    if type(mod) is not Q.Conv2d or mod.post_op != "none" or len(src.users) != 1:
+        return "the table's input is not the only use of a lowered Conv2d without post-op"
+    return "" if mod.output_spec.dtype == out.dtype else "output dtypes differ"
+
+
+def _activation_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
+    chain, out = m["out"].meta[UNARY_CHAIN]
+    src = _producer(low, m)
+    mod = low.module(src)
+    mod.post_op = _CONV_ACTIVATIONS[chain[0]]
+    mod.output_scale.fill_(out.scale)
+    mod.output_zero_point.fill_(out.zero_point)
+    mod.output_spec = dataclasses.replace(mod.output_spec, quant_min=out.quant_min, quant_max=out.quant_max)
+    mod._kernel_cache = {}
+    return src
+
+
 FOLD_RULES: tuple[Rule, ...] = (
+    Rule("activation_into_conv", frozenset({Q.LookupTable}), Pat("*", name="out"), _activation_replace,
+         _activation_when),
     Rule("clamp_into_output_range", frozenset({torch.clamp}), Pat("*", name="out"), _clamp_replace, _clamp_when),
 )

@@ -213,21 +213,28 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     """Float conv with both qparams folded into weight and bias: ``clamp(conv(q - zp_in, W * s_in / s_out,
     b / s_out + zp_out))`` -- four aten ops (the subtraction also converts to float). For the small convs the
     kernel rules send here this beats onednn's per-call setup; binary post-ops and transposed convs go generic."""
-    if mod.post_op not in ("none", "relu") or mod._TRANSPOSED or mod.padding_mode != "zeros" \
+    if mod.post_op in portable.BINARY_POST_OPS or mod._TRANSPOSED or mod.padding_mode != "zeros" \
             or mod.output_spec.dtype.is_floating_point:
         return _generic_plan(mod, kernel)
     spec, zp_in = mod.output_spec, int(mod.input_zero_point)
     inv_out, zp_out = 1.0 / float(mod.output_scale), int(mod.output_zero_point)
-    w = (mod.float_weight() * (float(mod.input_scale) * inv_out)).contiguous()
-    b = (torch.zeros(mod.out_channels) if mod.bias is None else mod.bias * inv_out) + \
-        (zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    folded = mod.post_op in ("none", "relu")  # else: the post-op runs in float, then one quantize
+    w = (mod.float_weight() * (float(mod.input_scale) * (inv_out if folded else 1.0))).contiguous()
+    b = torch.zeros(mod.out_channels) if mod.bias is None else mod.bias.clone()
+    bias_out = uint8.offset(zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    if folded:
+        b = b * inv_out + float(bias_out)
     lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
     neg_zp = uint8.offset(-zp_in) if zp_in else None
     conv, geometry = _CONV_FN[mod._SPATIAL], (mod.stride, mod.padding, mod.dilation, mod.groups)
+    post = portable.UNARY_POST_OPS[mod.post_op]
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
         xf = x.to(torch.float32) if neg_zp is None else torch.add(neg_zp, x)
-        return uint8.finish(conv(xf, w, b, *geometry), lo, spec.quant_max, spec.dtype, exact=False)
+        y = conv(xf, w, b, *geometry)
+        if folded:
+            return uint8.finish(y, lo, spec.quant_max, spec.dtype, exact=False)
+        return uint8.quantize(post(y), inv_out, bias_out, lo, spec.quant_max, spec.dtype)
     return run
 
 

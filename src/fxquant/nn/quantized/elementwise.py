@@ -167,7 +167,8 @@ class Requantize(_ScalarModule):
     """Integers from a float result ``y`` computed on integer values with qparams ``(in_scale, in_zero_point)``.
 
     Used after ops that commute with the affine map ``q -> (q - zp) * s`` (average pooling, mean, bilinear
-    interpolation), which then run on ``q.float()`` instead of on dequantized values.
+    interpolation), which then run on ``q.float()`` instead of on dequantized values. With equal in / out qparams
+    it rounds ``y`` in place (it is given the op's fresh result).
     """
 
     def __init__(self, in_scale: Any, in_zero_point: Any, out_scale: Any, out_zero_point: Any,
@@ -178,11 +179,11 @@ class Requantize(_ScalarModule):
         self._qparam("in_", in_scale, in_zero_point)
         self._qparam("out_", out_scale, out_zero_point)
 
-    def _build_scalars(self) -> tuple[float, torch.Tensor]:
+    def _build_scalars(self) -> tuple[float, torch.Tensor | None]:
         same = float(self.in_scale) == float(self.out_scale) and int(self.in_zero_point) == int(self.out_zero_point)
         a = 1.0 if same else float(self.in_scale) / float(self.out_scale)
-        b = 0.0 if same else float(self.out_zero_point) - float(self.in_zero_point) * a
-        return a, k.offset(b + k.rounding_bias(self.dtype))
+        b = float(self.out_zero_point) - float(self.in_zero_point) * a
+        return a, None if same else k.offset(b + k.rounding_bias(self.dtype))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -190,6 +191,8 @@ class Requantize(_ScalarModule):
             out = torch.round(y * a + (self.out_zero_point - self.in_zero_point * a))
             return out.clamp(self.quant_min, self.quant_max).to(self.dtype)
         a, bias = self._scalars()
+        if bias is None:  # same qparams: round y in place (the lowering gives this module y's only use)
+            return k.finish(y, self.quant_min, self.quant_max, self.dtype)
         return k.round_to(y, a, bias, self.quant_min, self.quant_max, self.dtype)
 
     def extra_repr(self) -> str:
