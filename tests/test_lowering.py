@@ -92,3 +92,40 @@ def test_lowered_output_matches_reference(results, name):
         steps = diff / scale
         assert steps.max().item() <= max_steps + 1e-3, f"{name}: {steps.max().item():.2f} steps"
         assert (steps > 1.001).float().mean().item() <= max_frac, f"{name}: {(steps > 1.001).float().mean():.3f}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_op_left_in_reference_form_is_reported_with_a_reason(results, name):
+    from fxquant.passes.lower_build import lowering_report
+
+    rows = lowering_report(results(name).lowered)
+    assert all(r.reason for r in rows if not r.lowered), [r for r in rows if not r.lowered and not r.reason]
+    assert all(r.kernel for r in rows if r.lowered)
+
+
+# other recipes: full-range uint8 activations (qnnpack: no 7-bit guarantee, so exact split / float kernels),
+# static BERT (layer norm, softmax and matmul stay in reference form), dynamic linear next to weight-only bags,
+# weight-only embedding feeding a dynamic LSTM
+OTHER_RECIPES = [("resnet18", "static_qnnpack", {"quantized.Conv2d": 20}, 1),
+                 ("bert_encoder", "static_x86", {"quantized.Linear": 14, "quantized.Embedding": 2}, 1),
+                 ("embedding_bag_recsys", "weight_only_dynamic_linear", {"quantized.LinearDynamic": 3,
+                                                                         "quantized.EmbeddingBag": 2}, 0),
+                 ("lstm_classifier", "dynamic_weight_only_embedding", {"quantized.Embedding": 1, "quantized.LSTM": 1},
+                  0)]
+
+
+@pytest.mark.parametrize("name,recipe,expected,max_steps", OTHER_RECIPES)
+def test_other_recipes_lower_and_match_reference(name, recipe, expected, max_steps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = oracle.quantize(oracle.fxquant_lib(), name, recipe, stages=("reference", "lowered"))
+    counts = oracle.node_count_dict(res.lowered)
+    assert {k: counts.get(k, 0) for k in expected} == expected, counts
+    scale = _output_scale(res.lowered)
+    batch = res.spec.calibration_data(n_batches=1, seed=7)[0]
+    with torch.no_grad():
+        ref, low = _first(res.reference(*batch)), _first(res.lowered(*batch))
+    if max_steps == 0:
+        torch.testing.assert_close(low, ref, rtol=1e-5, atol=1e-6)
+    else:
+        assert ((ref - low).abs() / scale).max().item() <= max_steps + 1e-3
