@@ -15,7 +15,6 @@ are noisy on a shared machine: the load average is printed with the table.
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import math
 import os
