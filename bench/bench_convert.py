@@ -10,7 +10,8 @@ the recsys model), calibrated on the same batches, then converted with ``convert
 run in interleaved rounds (so load from other processes hits all three alike); each round times ``--inner`` calls
 of each; the table shows the median per-call time over rounds, and ratios from the same rounds (speed-ups: > 1
 means faster than the other). Conversion time (median of 3) and state-dict size are reported per model. Timings
-are noisy on a shared machine: the load average is printed with the table.
+are noisy on a shared machine: the load average is printed with the table, and with 2 threads on a busy 2-core
+machine OpenMP waits can dominate (rows of tens of ms for sub-ms models): read those rows with care.
 """
 from __future__ import annotations
 
@@ -154,12 +155,14 @@ def print_tables(rows: list[dict[str, Any]], prepared: list[Prepared]) -> None:
         print(f"| {r['model']} | {r['batch']} | {r['threads']} | {_fmt(r['fp32'])} | {_fmt(r['torchao'])} | "
               f"{_fmt(r['fxquant'])} | {_fmt(r.get('fp32/fxquant'), 2)}x | {_fmt(r.get('torchao/fxquant'), 2)}x | "
               f"{_fmt(r.get('fp32/torchao'), 2)}x |")
-    for key, label in (("torchao/fxquant", "fxquant vs torch.ao"), ("fp32/fxquant", "fxquant vs fp32"),
-                       ("fp32/torchao", "torch.ao vs fp32")):
-        vals = [r[key] for r in rows if r.get(key)]
-        if vals:
-            print(f"\ngeomean speed-up, {label}: {geomean(vals):.2f}x over {len(vals)} rows "
-                  f"(min {min(vals):.2f}x); latency ratio {1 / geomean(vals):.2f}")
+    print()
+    for threads in sorted({r["threads"] for r in rows}):
+        for key, label in (("torchao/fxquant", "fxquant vs torch.ao"), ("fp32/fxquant", "fxquant vs fp32"),
+                           ("fp32/torchao", "torch.ao vs fp32")):
+            vals = [r[key] for r in rows if r.get(key) and r["threads"] == threads]
+            if vals:
+                print(f"- {threads} thread(s), geomean speed-up {label}: {geomean(vals):.2f}x over {len(vals)} rows "
+                      f"(min {min(vals):.2f}x, max {max(vals):.2f}x); latency ratio {1 / geomean(vals):.2f}")
     print("\n| model | convert torch.ao ms | convert fxquant ms | size fp32 KiB | size torch.ao KiB | "
           "size fxquant KiB |")
     print("|---|---:|---:|---:|---:|---:|")
