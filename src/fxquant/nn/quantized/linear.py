@@ -234,16 +234,26 @@ class LinearDynamic(Linear):
             facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
                               onednn_ok=self._onednn_ok(), input_7bit=spec.quant_max <= 127)
             kernel = self._kernel_cache[("dynamic", rows)] = x86.choose("linear_dynamic", facts)
-        lo, hi = torch.aminmax(x.detach())
+        lo, hi = torch.aminmax(x)
         scale, zp = dynamic.affine_qparams(float(lo), float(hi), spec.quant_min, spec.quant_max)
         if kernel == "float":
-            y = F.linear(dynamic.fake_quantize(x, scale, zp, spec.quant_min, spec.quant_max), self.float_weight(),
-                         self.bias)
-            return portable.UNARY_POST_OPS[self.post_op](y)
+            return portable.UNARY_POST_OPS[self.post_op](self._float_dynamic(x, scale, zp))
         bias = uint8.offset(zp + uint8.rounding_bias(spec.dtype, exact=False))
         qx = uint8.quantize(x, 1.0 / scale, bias, spec.quant_min, spec.quant_max, spec.dtype)
         acts = (onednn.ActQParams(scale, zp), onednn.ActQParams(1.0, 0, torch.float32), None)
         return _STATIC_KERNELS[kernel](self, qx, None, lambda: acts)
+
+    def _float_dynamic(self, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+        """``F.linear(dequantize(quantize(x)), W, b)``: small inputs through aten's fused fake quantization; larger
+        ones as integers held in float, ``addmm(b - zp * scale * W.sum(1), q, W.T, alpha=scale)`` (6 ops)."""
+        spec, w = self.input_spec, self.float_weight()
+        if x.numel() <= dynamic.FUSED_MAX_NUMEL or x.dim() < 2:
+            return F.linear(dynamic.fake_quantize(x, scale, zp, spec.quant_min, spec.quant_max), w, self.bias)
+        q = dynamic.quantize_to_float(x.reshape(-1, self.in_features), scale, zp, spec.quant_min, spec.quant_max)
+        w_t, row_sum = self._cached("float_weight_t", lambda: (w.t(), w.sum(1)))
+        bias = torch.mul(row_sum, -zp * scale) if self.bias is None else \
+            torch.add(self.bias, row_sum, alpha=-zp * scale)
+        return torch.addmm(bias, q, w_t, alpha=scale).reshape(*x.shape[:-1], self.out_features)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "granularity": self.granularity}
