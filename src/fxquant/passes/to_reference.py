@@ -58,6 +58,7 @@ class _Builder:
     def __init__(self, gm: fx.GraphModule, backend_name: str = ""):
         self.gm, self.backend_name = gm, backend_name
         self.buffers: dict[tuple[int, str], str] = {}
+        self.attr_nodes: dict[str, fx.Node] = {}
 
     def buffer(self, base: str, value: torch.Tensor) -> str:
         name, k = base, 0
@@ -68,7 +69,11 @@ class _Builder:
         return name
 
     def get_attr(self, name: str) -> fx.Node:
-        return self.gm.graph.get_attr(name)
+        """One get_attr node per buffer, created at its first use (graph order keeps it before later uses)."""
+        node = self.attr_nodes.get(name)
+        if node is None:
+            node = self.attr_nodes[name] = self.gm.graph.get_attr(name)
+        return node
 
     def qparams(self, obs: nn.Module, base: str) -> tuple[str, str]:
         """Buffer names of ``obs``'s scale and zero point (shared by all nodes of one observer object)."""
@@ -326,5 +331,4 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
     if ctx.remove_qconfig:
         _remove_qconfig(gm)
     gm.delete_all_unused_submodules()
-    gm.graph.lint()
     return gm

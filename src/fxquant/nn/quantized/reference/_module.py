@@ -49,6 +49,10 @@ class ReferenceWeightMixin:
         buffers = [getattr(self, name + suffix) for suffix in _SUFFIXES]
         return dequantize_weight(buffers[0], self._weight_specs[name], buffers[1], buffers[2])
 
+    def reset_parameters(self) -> None:
+        """No random init: a reference module's weights always come from a float module (``from_float``) or a
+        state dict, and ``from_float`` builds the module on the meta device where init is pure overhead."""
+
     # ----------------------------------------------------------------------------------------- torch.ao API
     def get_weight(self) -> torch.Tensor:
         """The dequantized float weight the forward uses (torch.ao's quantize -> dequantize of the weight)."""
