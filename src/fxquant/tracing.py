@@ -72,7 +72,6 @@ class ConcreteProxy(_Concrete, fx.Proxy):
             return value() if k == "is_floating_point" else value
         return ConcreteAttribute(self, k)
 
-
     def __setitem__(self, index: Any, value: Any) -> None:  # `y[:, 1:] = x[:, :-1]`: an in-place node
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
@@ -123,6 +122,7 @@ class ConcreteTracer(QuantizationTracer):
         self.values: dict[fx.Node, Any] = {}
         self.data_dependent: dict[fx.Node, bool] = {}
         self.shadow: Optional[nn.Module] = None  # a copy of the root that computes the values (no side effects)
+        self._placeholder_values: list[Any] = []
 
     # -- the example values ------------------------------------------------------------------------------------
     def value_of(self, a: Any) -> Any:
