@@ -23,7 +23,8 @@ small convs / linears      onednn's int8 ops build their primitive descriptor on
                            Below ~2^18 MACs a float conv with the qparams folded into weight and bias (4 aten ops)
                            is 1.3x faster (66 vs 89 us, batch 1); at batch 16 onednn is 2x faster (97 vs 212 us),
                            and whole models at batch 16 ran 10-20% slower with small convs in float -> batch <= 2.
-                           Depthwise: onednn 52 us vs float 85-160 us at batch 1 -> onednn.
+                           Depthwise: onednn 52 us vs float 85-160 us at batch 1 -> onednn. A residual add costs
+                           the float conv one op, onednn's binary variant 90-120 us.
                            Linear: float below 2^20 MACs; dynamic linear: onednn only from 2^25 MACs (its quantize
                            costs three more ops), e.g. BERT-base shapes at 128 tokens
 =========================  =========================================================================================
@@ -129,7 +130,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("float"),
     ),
     "conv": (
-        Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False, "binary": False}),
+        Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False}),
         Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
         Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "exact_u8s8": False, "pointwise": True}),

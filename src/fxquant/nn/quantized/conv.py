@@ -211,27 +211,35 @@ def _onednn_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 
 def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     """Float conv with both qparams folded into weight and bias: ``clamp(conv(q - zp_in, W * s_in / s_out,
-    b / s_out + zp_out))`` -- four aten ops (the subtraction also converts to float). For the small convs the
-    kernel rules send here this beats onednn's per-call setup; binary post-ops and transposed convs go generic."""
-    if mod.post_op in portable.BINARY_POST_OPS or mod._TRANSPOSED or mod.padding_mode != "zeros" \
-            or mod.output_spec.dtype.is_floating_point:
+    b / s_out + zp_out))`` -- four aten ops (the subtraction also converts to float); a residual add is one
+    ``add(y, other, alpha=s_other / s_out)`` more (its zero point folds into the bias). For the small convs the
+    kernel rules send here this beats onednn's per-call setup; transposed convs go generic."""
+    if mod._TRANSPOSED or mod.padding_mode != "zeros" or mod.output_spec.dtype.is_floating_point:
         return _generic_plan(mod, kernel)
-    spec, zp_in = mod.output_spec, int(mod.input_zero_point)
+    spec, zp_in, post_op = mod.output_spec, int(mod.input_zero_point), mod.post_op
     inv_out, zp_out = 1.0 / float(mod.output_scale), int(mod.output_zero_point)
-    folded = mod.post_op in ("none", "relu")  # else: the post-op runs in float, then one quantize
+    folded = post_op in ("none", "relu", "add", "add_relu")  # else: the post-op runs in float, then a quantize
     w = (mod.float_weight() * (float(mod.input_scale) * (inv_out if folded else 1.0))).contiguous()
     b = torch.zeros(mod.out_channels) if mod.bias is None else mod.bias.clone()
     bias_out = uint8.offset(zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    k_other = 0.0
+    if post_op in portable.BINARY_POST_OPS:
+        k_other = float(mod.other_scale) * inv_out
+        b = b - int(mod.other_zero_point) * float(mod.other_scale)
     if folded:
         b = b * inv_out + float(bias_out)
-    lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
+    lo = max(spec.quant_min, zp_out) if post_op in ("relu", "add_relu") else spec.quant_min
     neg_zp = uint8.offset(-zp_in) if zp_in else None
     conv, geometry = _CONV_FN[mod._SPATIAL], (mod.stride, mod.padding, mod.dilation, mod.groups)
-    post = portable.UNARY_POST_OPS[mod.post_op]
+    post = portable.UNARY_POST_OPS.get(post_op)
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
         xf = x.to(torch.float32) if neg_zp is None else torch.add(neg_zp, x)
         y = conv(xf, w, b, *geometry)
+        if k_other:
+            if other is None:
+                mod._other(other)  # raises the explanatory error
+            y = y.add_(other, alpha=k_other)
         if folded:
             return uint8.finish(y, lo, spec.quant_max, spec.dtype, exact=False)
         return uint8.quantize(post(y), inv_out, bias_out, lo, spec.quant_max, spec.dtype)
