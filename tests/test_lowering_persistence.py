@@ -106,3 +106,15 @@ def test_keep_original_weights(results, name):
         assert (err <= mod.weight_scale.reshape(-1) / 2 + 1e-6).all(), path  # within half a weight step
     assert set(kept.state_dict()) == set(res.lowered.state_dict())  # the float copies are not state
     assert torch.equal(_run(kept, res.example_inputs), _run(res.lowered, res.example_inputs))
+
+
+def test_lowering_report_survives_deepcopy():
+    import copy
+
+    import fxquant
+    import oracle
+
+    res = oracle.quantize(oracle.fxquant_lib(), "resnet18", stages=("lowered",))
+    rows = fxquant.lowering_report(res.lowered)
+    twin = copy.deepcopy(res.lowered)
+    assert [r.node for r in fxquant.lowering_report(twin)] == [r.node for r in rows] and rows

@@ -21,6 +21,7 @@ from .qconfig_mapping import (QConfigMapping, build_qconfig_resolver, get_defaul
                               get_default_qconfig_mapping, resolve_qconfig)
 from .quantize_fx import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx, prepare_qat_fx
 from .tools.compare import CompareReport, compare
+from .passes.lower_build import lowering_report
 from .tools.explain import ExplainRow, explain, format_explain
 from .tools.serialize import load, register_safe, save
 
@@ -33,4 +34,4 @@ __all__ = sorted(set(_custom_all) | set(_fq_all) | set(_obs_all) | set(_qconfig_
     "get_x86_backend_config", "from_torch_ao", "is_torch_ao_object", "QConfigMapping", "build_qconfig_resolver",
     "get_default_qat_qconfig_mapping", "get_default_qconfig_mapping", "resolve_qconfig", "convert_fx",
     "convert_to_reference_fx", "fuse_fx", "prepare_fx", "prepare_qat_fx", "ExplainRow", "explain",
-    "format_explain", "compare", "CompareReport", "save", "load", "register_safe", "__version__"})
+    "format_explain", "compare", "CompareReport", "save", "load", "register_safe", "lowering_report", "__version__"})

@@ -6,7 +6,7 @@ A mode is a different tuple, never a flag threaded through functions::
                   verify_prepared
     PREPARE_QAT = the same with qat_swap after assign_qconfig
     REFERENCE   = to_reference, verify_reference
-    CONVERT     = to_reference, verify_reference (+ lower, verify_lowered)
+    CONVERT     = to_reference, verify_reference, lower, cleanup, verify_lowered
 
 ``run(gm, stage, ctx, hook=...)`` calls the passes in order; a hook sees the graph module after every pass
 (dump, verify, time: ``fxquant.pipeline.timing_hook``). Passes edit ``gm.graph`` only; ``run`` regenerates the

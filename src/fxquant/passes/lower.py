@@ -29,7 +29,7 @@ from typing import Any, Optional
 from torch import fx, nn
 
 from ..pipeline import Context, register_pass
-from .lower_build import REPORT_ATTR, LoweredNode, Lowering, Rule
+from .lower_build import REPORT_ATTR, LoweredNode, Lowering, Rule, lowering_records
 from .lower_match import Pat, kind_of, match
 from .lower_rules import WEIGHTED_RULES, CannotLower
 from .lower_rules_elementwise import ELEMENTWISE_RULES
@@ -131,7 +131,9 @@ def lower(gm: nn.Module, ctx: Context) -> nn.Module:
         raise TypeError(f"lower expects the GraphModule made by to_reference, got {type(gm).__name__}")
     low = lower_graph_module(gm, ctx.keep_original_weights)
     gm.meta["fxquant_lowering"] = low
-    setattr(gm, REPORT_ATTR, list(low.records.values()))
+    rows = list(low.records.values())
+    setattr(gm, REPORT_ATTR, rows)  # attribute: survives pickling; meta: survives deepcopy
+    gm.meta[REPORT_ATTR] = rows
     gm.recompile()
     return gm
 
@@ -144,7 +146,7 @@ def verify_lowered(gm: nn.Module, ctx: Context) -> nn.Module:
     assert isinstance(gm, fx.GraphModule)
     gm.graph.lint()
     modules = dict(gm.named_modules(remove_duplicate=False))
-    rows: dict[str, LoweredNode] = {r.node: r for r in getattr(gm, REPORT_ATTR, [])}
+    rows: dict[str, LoweredNode] = {r.node: r for r in lowering_records(gm)}
     for node in gm.graph.nodes:
         if kind_of(node, modules) == "weighted" and node.name not in rows:
             raise VerificationError(f"reference module {node.target} ({type(modules[str(node.target)]).__name__}) "

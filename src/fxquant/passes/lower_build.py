@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .lower_match import OBSERVED_RANGE, QParams, qparams_of
 
-__all__ = ["Lowering", "LoweredNode", "Rule", "lowering_report", "REPORT_ATTR"]
+__all__ = ["Lowering", "LoweredNode", "Rule", "lowering_report", "lowering_records", "REPORT_ATTR"]
 
 REPORT_ATTR = "_fxquant_lowering"  # attribute of the lowered GraphModule: list[LoweredNode]
 
@@ -34,9 +34,17 @@ class LoweredNode:
         return self.rule != "reference"
 
 
+def lowering_records(model: nn.Module, default: Any = ()) -> Any:
+    """The lowering records of a converted model (attribute, or ``meta`` after ``copy.deepcopy``)."""
+    rows = getattr(model, REPORT_ATTR, None)
+    if rows is None and isinstance(model, fx.GraphModule):
+        rows = model.meta.get(REPORT_ATTR)
+    return default if rows is None else rows
+
+
 def lowering_report(model: nn.Module) -> list[LoweredNode]:
     """What :func:`fxquant.convert_fx` lowered and what stayed in reference form, node by node."""
-    rows = getattr(model, REPORT_ATTR, None)
+    rows = lowering_records(model, None)
     if rows is None:
         raise ValueError(f"lowering_report() needs a model returned by fxquant.convert_fx, got {type(model).__name__}")
     return list(rows)

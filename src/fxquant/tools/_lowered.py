@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..ops import quantize_per_tensor
+from ..passes.lower_build import lowering_records
 from . import _capture
 
 __all__ = ["LoweredView", "is_lowered"]
@@ -39,7 +40,7 @@ _ELEMENTWISE = frozenset({"Quantize", "DeQuantize", "Requantize", "QuantizedBina
 def is_lowered(gm: fx.GraphModule) -> bool:
     """True for a model that went through convert_fx's lowering: it carries the lowering record, or (the record
     does not survive ``copy.deepcopy``) it holds lowered modules."""
-    if getattr(gm, "_fxquant_lowering", None) is not None:
+    if lowering_records(gm, None) is not None:
         return True
     return any(callable(getattr(m, "float_weight", None)) or type(m).__name__ in _ELEMENTWISE for m in gm.modules())
 
@@ -94,7 +95,7 @@ class LoweredView:
         self.f_modules = dict(f_gm.named_modules(remove_duplicate=False))
         self.q_gm, self.q_env = q_gm, q_env
         self.modules = dict(q_gm.named_modules(remove_duplicate=False))
-        self.records = {r.node: r for r in getattr(q_gm, "_fxquant_lowering", [])}
+        self.records = {r.node: r for r in lowering_records(q_gm)}
         self.modules_by_kernel = {type(m).__name__: callable(getattr(m, "float_weight", None))
                                   for m in self.modules.values()}
         self.qinfo: dict[str, QInfo] = {}
