@@ -19,7 +19,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import pytest
 import torch
@@ -523,3 +523,17 @@ def assert_bit_identical(a: Any, b: Any, msg: str = "") -> None:
     m = _mismatch(a, b, "output")
     if m:
         raise AssertionError(f"{msg + ': ' if msg else ''}not bit-identical: {m}")
+
+
+def memoised_quantize(stages: Sequence[str]) -> Callable[[str], QuantResult]:
+    """``get(model_name)``: fxquant's :func:`quantize` of a registered model, computed once per name (for
+    module-scoped fixtures that many tests share)."""
+    cache: dict[str, QuantResult] = {}
+
+    def get(name: str) -> QuantResult:
+        if name not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[name] = quantize(fxquant_lib(), name, stages=tuple(stages))
+        return cache[name]
+    return get

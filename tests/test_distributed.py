@@ -10,15 +10,13 @@ import copy
 import datetime
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from dist_harness import run_workers
 from fxquant import fake_quantize as FQ
 from fxquant import observer as O
 from fxquant.distributed import (ObserverSync, ObserverSyncError, observers_in_sync, register_observer_sync,
@@ -256,28 +254,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("dist"))
-    # fork starts in well under a second (spawn re-imports torch: ~15 s on a busy machine); CUDA is not fork-safe
-    method = "spawn" if torch.cuda.is_initialized() or "fork" not in mp.get_all_start_methods() else "fork"
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method=method)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(WORLD)]
+    return run_workers(_worker, str(tmp_path_factory.mktemp("dist")), WORLD, TIMEOUT_S)
 
 
 def test_every_rank_ends_with_identical_qparams(results):

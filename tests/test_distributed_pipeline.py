@@ -17,18 +17,16 @@ import copy
 import datetime
 import json
 import os
-import socket
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import fxquant
+from dist_harness import run_workers
 from fxquant import observer as O
 from fxquant.distributed import (ObserverSyncError, ObserverSync, UnsyncedObserversWarning, observers_in_sync,
                                  sync_observers)
@@ -182,27 +180,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("dist_pipeline"))
-    method = "spawn" if torch.cuda.is_initialized() or "fork" not in mp.get_all_start_methods() else "fork"
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method=method)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(WORLD)]
+    return run_workers(_worker, str(tmp_path_factory.mktemp("dist_pipeline")), WORLD, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", ["minmax", "histogram", "qat"])

@@ -43,15 +43,7 @@ _REFERENCE_OPS = ("quantize_per_tensor", "dequantize", "quantized.reference.Conv
 
 @pytest.fixture(scope="module")
 def results():
-    cache: dict[str, oracle.QuantResult] = {}
-
-    def get(name: str) -> oracle.QuantResult:
-        if name not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cache[name] = oracle.quantize(oracle.fxquant_lib(), name, stages=("reference", "lowered"))
-        return cache[name]
-    return get
+    return oracle.memoised_quantize(("reference", "lowered"))
 
 
 def _output_scale(model: torch.nn.Module) -> float | None:

@@ -22,15 +22,7 @@ MODELS = ("resnet18", "mobilenet_v3_small", "shufflenet", "bert_encoder", "lstm_
 
 @pytest.fixture(scope="module")
 def results():
-    cache: dict[str, oracle.QuantResult] = {}
-
-    def get(name: str) -> oracle.QuantResult:
-        if name not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cache[name] = oracle.quantize(oracle.fxquant_lib(), name, stages=("lowered",))
-        return cache[name]
-    return get
+    return oracle.memoised_quantize(("lowered",))
 
 
 def _run(model, inputs):

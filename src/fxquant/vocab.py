@@ -58,9 +58,3 @@ def node_key(node: Node, modules: dict[str, nn.Module]) -> OpKey | None:
     if node.op in ("call_function", "call_method"):
         return op_key(node.target)
     return None
-
-
-def is_callable_target(key: OpKey) -> bool:
-    """True when ``key`` is a function (call_function target) rather than a module class or method name."""
-    return callable(key) and not isinstance(key, type)
-
