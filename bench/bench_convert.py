@@ -32,6 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import models  # noqa: E402
 import oracle  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import full_size  # noqa: E402
+
 VARIANTS = ("fp32", "torchao", "fxquant")
 
 
@@ -57,6 +60,7 @@ class Prepared:
     convert_ms: dict[str, float] = field(default_factory=dict)
     size_kb: dict[str, float] = field(default_factory=dict)
     example: tuple = ()
+    size: str = "tiny"
 
 
 def _state_kb(model: torch.nn.Module) -> float:
@@ -65,11 +69,20 @@ def _state_kb(model: torch.nn.Module) -> float:
     return buf.tell() / 1024
 
 
+def _float_model(spec: models.ModelSpec, size: str) -> tuple[torch.nn.Module, tuple, list]:
+    """(float model, example inputs, calibration batches) of the tiny test model or its full-size build."""
+    if size == "full":
+        model, example = full_size.build(spec.name, 2)
+        return model, example, [full_size.inputs(spec.name, b) for b in (3, 4)]
+    model, example = spec.factory()
+    return model, example, spec.calibration_data()
+
+
 def _convert(lib: oracle.Lib, spec: models.ModelSpec, res: Prepared) -> None:
     recipe = spec.recipe()
-    model, example = spec.factory()
+    model, example, calibration = _float_model(spec, res.size)
     try:
-        q = oracle.quantize(lib, model, recipe, example, spec.calibration_data(), stages=())
+        q = oracle.quantize(lib, model, recipe, example, calibration, stages=())
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -83,10 +96,10 @@ def _convert(lib: oracle.Lib, spec: models.ModelSpec, res: Prepared) -> None:
         res.errors[lib.name] = f"{type(err).__name__}: {str(err)[:120]}"
 
 
-def prepare_model(name: str) -> Prepared:
+def prepare_model(name: str, size: str = "tiny") -> Prepared:
     spec = models.get_spec(name)
-    model, example = spec.factory()
-    res = Prepared(name, example=example)
+    model, example, _ = _float_model(spec, size)
+    res = Prepared(name, example=example, size=size)
     res.models["fp32"] = model
     res.size_kb["fp32"] = _state_kb(model)
     with warnings.catch_warnings():
@@ -115,7 +128,7 @@ def time_models(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, l
 def measure(res: Prepared, batch: int, threads: int, rounds: int, target_s: float) -> dict[str, Any]:
     torch.set_num_threads(threads)
     spec = models.get_spec(res.name)
-    inputs = rebatch(spec, res.example, batch)
+    inputs = full_size.inputs(res.name, batch) if res.size == "full" else rebatch(spec, res.example, batch)
     live = {k: m for k, m in res.models.items() if m is not None}
     row: dict[str, Any] = {"model": res.name, "batch": batch, "threads": threads}
     with torch.no_grad():
@@ -178,7 +191,11 @@ def print_tables(rows: list[dict[str, Any]], prepared: list[Prepared]) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 thread, 5 rounds")
-    parser.add_argument("--models", nargs="*", default=None, help=f"subset of {models.model_names()}")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full",
+                        help="full: the architectures at their usual widths and input sizes (bench/full_size.py); "
+                             "tiny: the test zoo's models as they are in the tests (per-call overhead dominates)")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help=f"subset of {models.model_names()} (full size: {list(full_size.FACTORIES)})")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--threads", type=int, nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=None)
@@ -187,10 +204,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     threads = args.threads or ([1] if args.quick else [1, 2])
     rounds = args.rounds or (5 if args.quick else 9)
     target_s = (args.target_ms or (30.0 if args.quick else 60.0)) / 1e3
-    names = args.models or models.model_names()
+    names = args.models or (list(full_size.FACTORIES) if args.size == "full" else models.model_names())
     print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, load average {os.getloadavg()}, "
-          f"threads {threads}, rounds {rounds}")
-    prepared = [prepare_model(n) for n in names]
+          f"threads {threads}, rounds {rounds}, size {args.size}")
+    prepared = [prepare_model(n, args.size) for n in names]
     rows = [measure(p, b, t, rounds, target_s) for p in prepared for t in threads for b in args.batches]
     print_tables(rows, prepared)
     print(f"\n# load average at the end {os.getloadavg()}")

@@ -174,11 +174,11 @@ class MobileNetV2(nn.Module):
     # t (expansion), c (channels), n (repeats), s (stride)
     SETTINGS = ((1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 2, 2), (6, 24, 1, 1))
 
-    def __init__(self, num_classes: int = 10, last_channel: int = 64):
+    def __init__(self, num_classes: int = 10, last_channel: int = 64, settings: tuple = (), stem: int = 8):
         super().__init__()
-        features: list[nn.Module] = [ConvBNReLU6(3, 8, 3, 2)]
-        cin = 8
-        for t, c, n, s in self.SETTINGS:
+        features: list[nn.Module] = [ConvBNReLU6(3, stem, 3, 2)]
+        cin = stem
+        for t, c, n, s in settings or self.SETTINGS:
             for i in range(n):
                 features.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
@@ -241,15 +241,17 @@ class MobileNetV3Small(nn.Module):
     SETTINGS = ((8, 3, 8, 8, True, "RE", 2), (8, 3, 36, 12, False, "RE", 2), (12, 3, 44, 12, False, "RE", 1),
                 (12, 5, 48, 20, True, "HS", 2), (20, 5, 60, 20, True, "HS", 1), (20, 5, 60, 24, True, "HS", 1))
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, settings: tuple = (), hidden: int = 64):
         super().__init__()
-        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, 8, 3, 2), nn.Hardswish())]
-        layers += [V3Block(*s) for s in self.SETTINGS]
-        last = 6 * self.SETTINGS[-1][3]
-        layers.append(nn.Sequential(*_conv_bn(self.SETTINGS[-1][3], last, 1), nn.Hardswish()))
+        settings = settings or self.SETTINGS
+        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, settings[0][0], 3, 2), nn.Hardswish())]
+        layers += [V3Block(*s) for s in settings]
+        last = 6 * settings[-1][3]
+        layers.append(nn.Sequential(*_conv_bn(settings[-1][3], last, 1), nn.Hardswish()))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(last, 64), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(nn.Linear(last, hidden), nn.Hardswish(), nn.Dropout(0.2),
+                                        nn.Linear(hidden, num_classes))
 
     def forward(self, x):
         x = self.avgpool(self.features(x))
@@ -361,10 +363,11 @@ def lstm_classifier(seed: int = 0):
 class RecSys(nn.Module):
     TABLES = (200, 120)
 
-    def __init__(self, dim: int = 16, dense_in: int = 8):
+    def __init__(self, dim: int = 16, dense_in: int = 8, tables: tuple = ()):
         super().__init__()
-        self.emb_user = nn.EmbeddingBag(self.TABLES[0], dim, mode="sum")
-        self.emb_item = nn.EmbeddingBag(self.TABLES[1], dim, mode="mean")
+        tables = tables or self.TABLES
+        self.emb_user = nn.EmbeddingBag(tables[0], dim, mode="sum")
+        self.emb_item = nn.EmbeddingBag(tables[1], dim, mode="mean")
         self.bottom = nn.Sequential(nn.Linear(dense_in, dim), nn.ReLU())
         self.top = nn.Sequential(nn.Linear(3 * dim, 16), nn.ReLU(), nn.Linear(16, 1))
 
@@ -395,14 +398,15 @@ def embedding_bag_recsys(seed: int = 0):
 # ----------------------------------------------------------------------------------------------------------------
 
 class FunctionalNet(nn.Module):
-    def __init__(self, keyword_args: bool = True):
+    def __init__(self, keyword_args: bool = True, widths: tuple = (8, 16)):
         super().__init__()
         self.keyword_args = keyword_args
-        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
-        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
-        self.w2 = nn.Parameter(torch.randn(16, 8, 3, 3) * 0.1)
-        self.b2 = nn.Parameter(torch.randn(16) * 0.1)
-        self.fc_w = nn.Parameter(torch.randn(10, 16) * 0.2)
+        c1, c2 = widths
+        self.w1 = nn.Parameter(torch.randn(c1, 3, 3, 3) * 0.2)
+        self.b1 = nn.Parameter(torch.randn(c1) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(c2, c1, 3, 3) * 0.1)
+        self.b2 = nn.Parameter(torch.randn(c2) * 0.1)
+        self.fc_w = nn.Parameter(torch.randn(10, c2) * 0.2)
         self.fc_b = nn.Parameter(torch.randn(10) * 0.1)
 
     def forward(self, x):
@@ -530,18 +534,21 @@ class ShuffleUnit(nn.Module):
 
 
 class ShuffleNet(nn.Module):
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, channels: tuple = (8, 16, 32), repeats: tuple = (2, 3), last: int = 64):
         super().__init__()
-        self.conv1 = nn.Sequential(*_conv_bn(3, 8, 3, 2), nn.ReLU())
+        self.conv1 = nn.Sequential(*_conv_bn(3, channels[0], 3, 2), nn.ReLU())
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1))
-        self.stage3 = nn.Sequential(ShuffleUnit(16, 32, 2), ShuffleUnit(32, 32, 1), ShuffleUnit(32, 32, 1))
-        self.conv5 = nn.Sequential(*_conv_bn(32, 64, 1), nn.ReLU())
-        self.fc = nn.Linear(64, num_classes)
+        self.stage_names = [f"stage{i + 2}" for i in range(len(repeats))]
+        for name, cin, cout, n in zip(self.stage_names, channels, channels[1:], repeats):
+            setattr(self, name, nn.Sequential(ShuffleUnit(cin, cout, 2), *[ShuffleUnit(cout, cout, 1) for _ in range(n - 1)]))
+        self.conv5 = nn.Sequential(*_conv_bn(channels[-1], last, 1), nn.ReLU())
+        self.fc = nn.Linear(last, num_classes)
 
     def forward(self, x):
-        x = self.conv5(self.stage3(self.stage2(self.maxpool(self.conv1(x)))))
-        x = x.mean([2, 3])
+        x = self.maxpool(self.conv1(x))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        x = self.conv5(x).mean([2, 3])
         return self.fc(x)
 
 
@@ -554,13 +561,14 @@ def shufflenet(seed: int = 0):
 # ----------------------------------------------------------------------------------------------------------------
 
 class SegHead(nn.Module):
-    def __init__(self, num_classes: int = 4):
+    def __init__(self, num_classes: int = 4, widths: tuple = (8, 16, 16)):
         super().__init__()
-        self.enc1 = nn.Sequential(*_conv_bn(3, 8, 3, 2), nn.ReLU())
-        self.enc2 = nn.Sequential(*_conv_bn(8, 16, 3, 2), nn.ReLU())
+        w1, w2, w3 = widths
+        self.enc1 = nn.Sequential(*_conv_bn(3, w1, 3, 2), nn.ReLU())
+        self.enc2 = nn.Sequential(*_conv_bn(w1, w2, 3, 2), nn.ReLU())
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.fuse = nn.Sequential(*_conv_bn(24, 16, 3), nn.ReLU())
-        self.cls = nn.Conv2d(16, num_classes, 1)
+        self.fuse = nn.Sequential(*_conv_bn(w1 + w2, w3, 3), nn.ReLU())
+        self.cls = nn.Conv2d(w3, num_classes, 1)
 
     def forward(self, x):
         f1 = self.enc1(x)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["quantize", "dequantize", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool2d",
-           "offset", "rounding_bias", "finish", "RANGES", "Offset"]
+           "interpolate", "offset", "rounding_bias", "finish", "RANGES", "Offset"]
 
 # dtype -> (min, max) of the integer activations these kernels accept
 RANGES: dict[torch.dtype, tuple[int, int]] = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
@@ -71,9 +71,35 @@ def table_index(q: torch.Tensor) -> torch.Tensor:
     return idx if q.dtype == torch.uint8 else idx.add_(128)
 
 
+_FLAT_LOOKUP_MIN = 4096  # below this many elements the two-op ``take`` wins on call overhead
+
+
+def _storage_view(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-d view of ``t``'s elements in memory order when they are contiguous (plain or channels-last), else
+    None. Element k of the view of ``t`` and of ``torch.empty_like(t)`` is the same logical element."""
+    if t.is_contiguous():
+        return t.view(-1)
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if layout is None or not t.is_contiguous(memory_format=layout):
+        return None
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 def lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``table[q]`` element-wise: ``table`` has 256 entries indexed by :func:`table_index`."""
-    return table.take(table_index(q))
+    """``table[q]`` element-wise: ``table`` has 256 entries indexed by :func:`table_index`.
+
+    Large dense tensors (channels-last images included) index the table with int32 positions in memory order
+    (``index_select``: ~4x faster than ``take``'s int64 gather, measured at 0.8 M elements) into an output laid
+    out like ``q``."""
+    flat = _storage_view(q) if q.numel() >= _FLAT_LOOKUP_MIN and not torch.compiler.is_compiling() else None
+    if flat is None:
+        return table.take(table_index(q))
+    idx = flat.to(torch.int32)
+    if q.dtype != torch.uint8:
+        idx.add_(128)
+    out = torch.empty_like(q, dtype=table.dtype)
+    torch.index_select(table, 0, idx, out=_storage_view(out))
+    return out
 
 
 def round_to(y: torch.Tensor, a: float, bias: Offset, quant_min: int, quant_max: int,
@@ -122,3 +148,34 @@ def max_pool2d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             and not x.is_contiguous():
         return F.max_pool2d(x.to(torch.int16), *args, **kwargs).to(x.dtype)
     return F.max_pool2d(x, *args, **kwargs)
+
+
+_FLOAT_RESIZE_MIN = 4096  # smaller images: torch's integer kernel (one op) beats three
+
+
+def interpolate(x: torch.Tensor, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
+                align_corners: Any = None, recompute_scale_factor: Any = None, antialias: bool = False) -> torch.Tensor:
+    """``F.interpolate`` for integer tensors (same arguments), rounding interpolated values half to even.
+
+    Nearest modes, and bilinear on small tensors, use torch's integer kernel. Other modes (whose integer kernels
+    round differently: bicubic overshoots) and bilinear on larger tensors run in float32 in the input's layout
+    and round: torch 2.13's uint8 bilinear kernel took 2.6-5x longer than that on
+    channels-last conv outputs at batch 1 (1x21x112x112: 9.3 ms vs 3.5 ms) and lost only on contiguous batches.
+    The weights of these modes sum to one, so ``op(q) == op(q - zp) + zp`` and the result is the reference's
+    ``quantize(op(dequantize(q)))`` up to float rounding."""
+    if torch.overrides.has_torch_function_unary(x):
+        return torch.overrides.handle_torch_function(  # type: ignore[no-any-return]
+            interpolate, (x,), x, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
+    args = (size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
+    integer_ok = mode.startswith("nearest") or mode == "bilinear" and (
+        x.numel() < _FLOAT_RESIZE_MIN or
+        not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) or x.shape[0] <= 2))
+    if integer_ok or x.dtype not in RANGES:
+        return F.interpolate(x, *args)
+    lo, hi = RANGES[x.dtype]
+    return F.interpolate(x.float(), *args).round_().clamp_(lo, hi).to(x.dtype)
+
+
+def upsample_args(mod: Any) -> tuple:
+    """:func:`interpolate`'s arguments after the input for an ``nn.Upsample`` (or subclass) module."""
+    return (mod.size, mod.scale_factor, mod.mode, mod.align_corners, getattr(mod, "recompute_scale_factor", None))

@@ -19,6 +19,7 @@ from typing import Any
 from torch import fx, nn
 
 from .. import nn as fnn
+from ..kernels import uint8
 from ..pipeline import Context, register_pass
 from .lower_build import Lowering
 from .lower_match import attr_value, kind_of
@@ -67,6 +68,55 @@ def _swap_qdq(low: Lowering) -> None:
                                                            (found[0],)))
 
 
+def _upsamples(node: fx.Node) -> bool:
+    """A nearest-neighbour integer resize that only enlarges (scale factors >= 1): it copies values, so an
+    element-wise table commutes with it and is cheaper on its smaller input."""
+    if not (node.op == "call_function" and node.target is uint8.interpolate):
+        return False
+    args = list(node.args) + [None] * 6
+    size, scale, mode = (node.kwargs.get(k, args[i]) for i, k in ((1, "size"), (2, "scale_factor"), (3, "mode")))
+    scales = scale if isinstance(scale, (tuple, list)) else (scale,)
+    return str(mode or "nearest").startswith("nearest") and size is None and \
+        all(isinstance(f, (int, float)) and f >= 1 for f in scales)
+
+
+def _table_of(low: Lowering, node: Any) -> Any:
+    mod = low.modules.get(str(node.target)) if isinstance(node, fx.Node) and node.op == "call_module" else None
+    return mod if isinstance(mod, Q.LookupTable) else None
+
+
+def _compose_tables(low: Lowering) -> None:
+    """``second(first(q))`` -> one table ``second[first]`` where ``first`` has no other reader (exact: it is the
+    same integer function)."""
+    for node in list(low.graph.nodes):
+        second, first_node = _table_of(low, node), node.args[0] if node.args else None
+        first = _table_of(low, first_node)
+        if second is None or first is None or len(first_node.users) != 1:
+            continue
+        combined = uint8.lookup(first.table, second.table)
+        with low.graph.inserting_before(node):
+            new = low.call_module(node, str(node.target), Q.LookupTable(combined), (first_node.args[0],))
+        node.replace_all_uses_with(new)
+        low.graph.erase_node(node)
+        low.graph.erase_node(first_node)
+
+
+def _sink_tables(low: Lowering) -> None:
+    """``table(upsample(q))`` -> ``upsample(table(q))`` where the upsample has no other reader."""
+    for node in list(low.graph.nodes):
+        if node.op != "call_module" or not isinstance(low.modules.get(str(node.target)), Q.LookupTable):
+            continue
+        up = node.args[0]
+        if not (isinstance(up, fx.Node) and _upsamples(up) and len(up.users) == 1 and isinstance(up.args[0], fx.Node)):
+            continue
+        with low.graph.inserting_before(up):
+            early = low.graph.call_module(str(node.target), (up.args[0],))
+        early.meta.update(node.meta)
+        up.args = (early,) + tuple(up.args[1:])
+        node.replace_all_uses_with(up)
+        low.graph.erase_node(node)
+
+
 def _drop_unread_attributes(gm: fx.GraphModule, low: Lowering) -> None:
     read = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for name in list(gm._buffers) + list(gm._parameters):
@@ -77,6 +127,8 @@ def _drop_unread_attributes(gm: fx.GraphModule, low: Lowering) -> None:
 def cleanup_graph_module(gm: fx.GraphModule, low: Lowering) -> fx.GraphModule:
     """Swap remaining q / dq ops for modules, remove dead code and unread state (see the module docstring)."""
     _swap_qdq(low)
+    _sink_tables(low)
+    _compose_tables(low)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     _drop_unread_attributes(gm, low)

@@ -3,8 +3,8 @@
 * :data:`INTEGER_OPS` move or select values without computing new ones (shape ops, max pooling, nearest
   upsampling, chunk / split), so ``op(dequantize(q)) == dequantize(op(q))`` exactly: the dequantize sinks below
   them and they run on the uint8 tensor. Each entry says when the op qualifies and whether it returns several
-  tensors (then its ``getitem`` users get the dequantize). Bilinear resizing also runs on uint8 (torch's kernel,
-  one rounding: within one step of the float op).
+  tensors (then its ``getitem`` users get the dequantize). Bilinear resizing also runs on integers
+  (:func:`fxquant.kernels.uint8.interpolate`, one rounding: within one step of the float op).
 * :data:`SHAPE_QUERIES` read only the shape: they take the integer tensor as is.
 * :data:`AFFINE_OPS` are linear with weights summing to one (average pooling, mean, bilinear interpolation):
   ``op((q - zp) * s) == (op(q) - zp) * s``, so they run in float on ``q.float()`` and a requantize folds both
@@ -101,6 +101,9 @@ def _max_pool2d_module(mod: nn.MaxPool2d) -> tuple:
 INTEGER_KERNELS: dict[Any, tuple[Callable[..., torch.Tensor], Any]] = {
     nn.MaxPool2d: (uint8.max_pool2d, _max_pool2d_module), F.max_pool2d: (uint8.max_pool2d, None),
     torch.max_pool2d: (uint8.max_pool2d, None),
+    **{k: (uint8.interpolate, uint8.upsample_args) for k in (nn.Upsample, nn.UpsamplingNearest2d,
+                                                              nn.UpsamplingBilinear2d)},
+    F.interpolate: (uint8.interpolate, None), F.upsample: (uint8.interpolate, None),
 }
 # method spellings that must change on integer tensors: a view of a channels-last int8 conv output may not exist
 RENAMED_METHODS = {"view": "reshape"}

@@ -1,0 +1,110 @@
+"""Integer element-wise kernels (fxquant.kernels.uint8): table lookups and resizing on uint8 / int8 tensors, and the
+cleanup step that moves a table lookup in front of a nearest-neighbour upsample."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.kernels import uint8
+from fxquant.nn.quantized import LookupTable
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def _tensor(dtype: torch.dtype, shape: tuple, layout: str, seed: int = 0) -> torch.Tensor:
+    lo, hi = uint8.RANGES[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # every other channel: neither contiguous nor channels-last
+        shape = (shape[0], shape[1] * 2) + tuple(shape[2:])
+    x = torch.randint(lo, hi + 1, shape, generator=gen).to(dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x[:, ::2] if layout == "strided" else x
+
+
+@pytest.mark.parametrize("dtype", (torch.uint8, torch.int8))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", ((1, 3, 4, 5), (2, 16, 24, 24)))  # below / above the flat-lookup threshold
+def test_lookup_equals_gather_and_keeps_layout(dtype, layout, shape):
+    x = _tensor(dtype, shape, layout)
+    table = torch.randint(0, 256, (256,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = table[x.to(torch.int64) + (0 if dtype == torch.uint8 else 128)]
+    got = uint8.lookup(x, table)
+    assert torch.equal(got, expected)
+    if layout == "channels_last" and x.numel() >= uint8._FLAT_LOOKUP_MIN:  # (small ones: take, contiguous)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_lookup_int8_table_output():
+    x = _tensor(torch.uint8, (1, 8, 40, 40), "channels_last")
+    table = torch.arange(-128, 128, dtype=torch.int8).flip(0)
+    assert torch.equal(uint8.lookup(x, table), table[x.long()])
+
+
+def _reference_resize(x: torch.Tensor, **kw) -> torch.Tensor:
+    lo, hi = uint8.RANGES[x.dtype]
+    return F.interpolate(x.double(), **kw).round().clamp(lo, hi)
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("shape", ((1, 3, 6, 6), (1, 21, 20, 20), (4, 8, 24, 24)))
+@pytest.mark.parametrize("mode,align", (("nearest", None), ("bilinear", False), ("bilinear", True),
+                                        ("bicubic", False)))
+def test_interpolate_matches_the_rounded_float_op(layout, shape, mode, align):
+    x = _tensor(torch.uint8, shape, layout, seed=3)
+    kw = dict(scale_factor=2.0, mode=mode, align_corners=align)
+    got = uint8.interpolate(x, None, 2.0, mode, align)
+    assert got.dtype == torch.uint8 and got.shape == (shape[0], shape[1], shape[2] * 2, shape[3] * 2)
+    diff = (got.double() - _reference_resize(x, **kw)).abs().max().item()
+    if mode == "nearest":
+        assert diff == 0
+    else:  # float32 vs float64 arithmetic may move an exact .5 tie by one step; torch's uint8 kernel likewise
+        assert diff <= 1
+
+
+def test_interpolate_int8_and_size_argument():
+    x = _tensor(torch.int8, (1, 8, 30, 30), "channels_last", seed=4)
+    got = uint8.interpolate(x, (45, 45), None, "bilinear", False)
+    assert got.dtype == torch.int8 and got.shape[-2:] == (45, 45)
+    assert (got.double() - _reference_resize(x, size=(45, 45), mode="bilinear", align_corners=False)).abs().max() <= 1
+
+
+class _UpThenTable(nn.Module):
+    """conv -> nearest upsample -> concat with a differently scaled branch: the lowering requantizes the
+    upsampled tensor to the concat's qparams with a table lookup."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, 2, 1)
+        self.b = nn.Conv2d(3, 8, 3, 1, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):
+        return torch.cat([self.up(torch.relu(self.a(x)) * 3.0), self.b(x)], dim=1)
+
+
+def test_table_lookup_moves_before_nearest_upsample_and_output_is_unchanged():
+    torch.manual_seed(0)
+    model = _UpThenTable().eval()
+    data = [torch.randn(1, 3, 32, 32) for _ in range(3)]
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (data[0],))
+    for d in data:
+        prepared(d)
+    lowered = fxquant.convert_fx(copy.deepcopy(prepared))  # (conversion works in place)
+    modules = dict(lowered.named_modules())
+    tables = [n for n in lowered.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], LookupTable)]
+    assert tables, lowered.code
+    # the two requantizations (after the scalar mul, and to the concat's qparams) became one table, applied
+    # before the upsample (on a quarter of the values)
+    assert len(tables) == 1, lowered.code
+    assert tables[0].args[0].target == "a" and [u.target for u in tables[0].users] == [uint8.interpolate]
+    reference = fxquant.convert_to_reference_fx(prepared)
+    x = torch.randn(1, 3, 32, 32)
+    out, ref = lowered(x), reference(x)
+    step = (ref.max() - ref.min()).item() / 127
+    assert (out - ref).abs().max().item() <= 1.01 * step
