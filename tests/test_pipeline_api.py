@@ -137,11 +137,16 @@ def test_scalar_add_shares_qparams_with_its_input():
     assert mods[obs_in.target] is mods[obs_out.target]
 
 
-def test_quantized_model_boundaries_are_refused_not_ignored():
+def test_quantized_model_output_of_a_dict_model():
+    """output_quantized_indexes=[0] on a dict output: every quantized tensor in it is returned as integers, the
+    shape stays an int (more in test_quantized_boundaries.py)."""
     model, ex = _small()
     cfg = fxquant.PrepareCustomConfig().set_output_quantized_indexes([0])
-    with pytest.raises(NotImplementedError, match="output_quantized_indexes"):
-        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex, prepare_custom_config=cfg)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(), ex, prepare_custom_config=cfg)
+    prepared(*ex)
+    out = fxquant.convert_fx(prepared)(*ex)
+    assert list(fxquant.boundary_qparams(prepared).outputs) == ["logits", ("aux", 0)]
+    assert out["logits"].dtype == out["aux"][0].dtype == torch.uint8 and out["aux"][1] == 2
 
 
 class _Doubler(nn.Module):

@@ -12,6 +12,7 @@ from .custom_config import __all__ as _custom_all
 from .fake_quantize import *  # noqa: F401,F403
 from .fake_quantize import __all__ as _fq_all
 from . import ops
+from .boundaries import BoundaryQParams, QParamsInfo, boundary_qparams
 from .migrate import from_torch_ao, is_torch_ao_object
 from .observer import *  # noqa: F401,F403
 from .observer import __all__ as _obs_all
@@ -34,4 +35,5 @@ __all__ = sorted(set(_custom_all) | set(_fq_all) | set(_obs_all) | set(_qconfig_
     "get_x86_backend_config", "from_torch_ao", "is_torch_ao_object", "QConfigMapping", "build_qconfig_resolver",
     "get_default_qat_qconfig_mapping", "get_default_qconfig_mapping", "resolve_qconfig", "convert_fx",
     "convert_to_reference_fx", "fuse_fx", "prepare_fx", "prepare_qat_fx", "ExplainRow", "explain",
-    "format_explain", "compare", "CompareReport", "save", "load", "register_safe", "lowering_report", "__version__"})
+    "format_explain", "compare", "CompareReport", "save", "load", "register_safe", "lowering_report",
+    "boundary_qparams", "BoundaryQParams", "QParamsInfo", "__version__"})

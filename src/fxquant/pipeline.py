@@ -2,11 +2,14 @@
 
 A mode is a different tuple, never a flag threaded through functions::
 
-    PREPARE     = trace, fuse, assign_qconfig, special_modules, annotate, share, observe, record_state,
-                  verify_prepared
+    PREPARE     = trace, fuse, assign_qconfig, special_modules, annotate, share, observe, quantized_io,
+                  record_state, verify_prepared
     PREPARE_QAT = the same with qat_swap after assign_qconfig
-    REFERENCE   = to_reference, verify_reference
-    CONVERT     = to_reference, verify_reference, lower, cleanup, verify_lowered
+    REFERENCE   = quantized_inputs, to_reference, quantized_outputs, verify_reference
+    CONVERT     = quantized_inputs, to_reference, quantized_outputs, verify_reference, lower, cleanup,
+                  quantized_io_attach, verify_lowered
+
+(``quantized_*`` passes do nothing unless PrepareCustomConfig declares quantized inputs / outputs.)
 
 ``run(gm, stage, ctx, hook=...)`` calls the passes in order; a hook sees the graph module after every pass
 (dump, verify, time: ``fxquant.pipeline.timing_hook``). Passes edit ``gm.graph`` only; ``run`` regenerates the
@@ -28,13 +31,14 @@ PassFn = Callable[[nn.Module, "Context"], nn.Module]
 PASSES: dict[str, PassFn] = {}
 
 FUSE = ("trace", "fuse")
-PREPARE = ("trace", "fuse", "assign_qconfig", "special_modules", "annotate", "share", "observe", "record_state",
-           "verify_prepared")
+PREPARE = ("trace", "fuse", "assign_qconfig", "special_modules", "annotate", "share", "observe", "quantized_io",
+           "record_state", "verify_prepared")
 PREPARE_QAT = ("trace", "fuse", "assign_qconfig", "qat_swap", "special_modules", "annotate", "share", "observe",
-               "record_state", "verify_prepared")
-REFERENCE = ("to_reference", "verify_reference")
+               "quantized_io", "record_state", "verify_prepared")
+REFERENCE = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference")
 # convert_fx; lowering passes join this tuple as they land (see passes/lower*.py)
-CONVERT = ("to_reference", "verify_reference", "lower", "cleanup", "verify_lowered")
+CONVERT = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference", "lower", "cleanup",
+           "quantized_io_attach", "verify_lowered")
 
 
 @dataclass

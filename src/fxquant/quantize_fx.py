@@ -44,19 +44,7 @@ def _prepare(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, prepar
                   example_inputs=_check_example_inputs(example_inputs),
                   prepare_custom_config=_coerce(prepare_custom_config, ".custom_config.PrepareCustomConfig"),
                   is_qat=is_qat, is_standalone=is_standalone)
-    _reject_quantized_boundaries(ctx.prepare_custom_config)
     return pipeline.run(model, pipeline.PREPARE_QAT if is_qat else pipeline.PREPARE, ctx)
-
-
-def _reject_quantized_boundaries(cfg: Any) -> None:
-    """torch.ao's input/output_quantized_indexes pass torch quantized tensors, which carry their scale. fxquant's
-    tensors are plain integers: a quantized model boundary would drop the scale, so it is refused, not ignored."""
-    for attr in ("input_quantized_indexes", "output_quantized_indexes"):
-        if cfg is not None and getattr(cfg, attr, None):
-            raise NotImplementedError(
-                f"PrepareCustomConfig.{attr}={getattr(cfg, attr)} is not supported: fxquant keeps tensors in plain "
-                "dtypes, so a quantized model input/output would lose its scale and zero point. Keep the model "
-                "boundary float (the default); the converted model quantizes inputs and dequantizes outputs itself.")
 
 
 def fuse_fx(model: nn.Module, fuse_custom_config: Any = None, backend_config: Any = None) -> fx.GraphModule:
@@ -71,6 +59,12 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: tuple, pr
     """Insert observers into a traced copy of ``model`` (in eval mode) for post-training quantization.
 
     Run calibration data through the result, then call :func:`convert_fx`.
+
+    ``prepare_custom_config`` may declare quantized model inputs / outputs (``set_input_quantized_indexes``,
+    ``set_output_quantized_indexes``): calibration still runs on float data; the converted model then takes and
+    returns plain integer tensors there, and :func:`fxquant.boundary_qparams` gives their scale and zero point.
+    Unlike torch.ao, a quantized input keeps the observer of the op that reads it (one observer more than torch.ao's
+    prepared graph): its range is the scale the converted model expects the input in.
     ``_equalization_config`` is accepted for signature compatibility; equalization is not implemented yet and a
     non-None value raises NotImplementedError.
     """

@@ -2,3 +2,4 @@
 from . import (annotate, assign_qconfig, fuse, observe, qat_swap, record_state, share,  # noqa: F401
                special_modules, to_reference, trace, verify)
 from . import lower, lower_cleanup  # noqa: F401,E402  (convert_fx's lowering: lower, cleanup, verify_lowered)
+from . import quantized_io, quantized_io_convert  # noqa: F401,E402  (quantized model inputs / outputs)
