@@ -10,8 +10,8 @@ import torch
 
 from fxquant._dtypes import normalize_dtype
 from fxquant._partial import with_args, with_callable_args
-from fxquant.qparams import (SUPPORTED_QSCHEMES, compute_qparams, is_float_qparams, is_per_tensor, is_symmetric,
-                             resolve_qrange, symmetric_zero_point)
+from fxquant.qparams import (SUPPORTED_QSCHEMES, compute_qparams, compute_qparams_fast, is_float_qparams,
+                             is_per_tensor, is_symmetric, resolve_qrange, symmetric_zero_point)
 
 __all__ = ["ObserverBase", "UniformQuantizationObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver"]
 
@@ -140,6 +140,11 @@ class UniformQuantizationObserverBase(_NonFiniteFilter, ObserverBase):
 
         Per-channel entries that never saw a finite value get scale 1.0 / zero point 0 (with a warning).
         """
+        if min_val.numel() > 0:  # the common case (finite ranges on the CPU) without tensor ops
+            fast = compute_qparams_fast(min_val, max_val, self.quant_min, self.quant_max, self.qscheme, self.dtype,
+                                        self.eps, self.has_customized_qrange, flat=True)
+            if fast is not None:
+                return fast
         if min_val.numel() == 0 or (min_val.dim() == 0 and bool(min_val == float("inf"))
                                     and bool(max_val == float("-inf"))):
             return self._default_qparams()
@@ -198,6 +203,16 @@ class MinMaxObserver(UniformQuantizationObserverBase):
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point (shape ``(1,)``) of the observed range."""
         return self._calculate_qparams(self.min_val, self.max_val)
+
+    def _qparams_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What a fresh copy of this observer returns from ``calculate_qparams`` after observing only ``x``, without
+        building that copy or changing this observer (convert asks it for every weight). None where that needs the
+        full path (empty or non-finite data, other devices): observe a fresh copy then."""
+        if x.numel() == 0:
+            return None
+        lo, hi = torch.aminmax(x.detach().to(self.min_val.dtype))
+        return compute_qparams_fast(lo, hi, self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps,
+                                    self.has_customized_qrange, flat=True)
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, max_val={self.max_val}"

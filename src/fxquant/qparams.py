@@ -25,8 +25,9 @@ from typing import Callable
 import torch
 
 from fxquant._dtypes import dtype_range, normalize_dtype
+from fxquant._qparams_fast import per_channel_qparams, per_tensor_qparams
 
-__all__ = ["compute_qparams", "resolve_qrange", "validate_qmin_qmax", "check_qrange_fits_dtype", "default_qrange",
+__all__ = ["compute_qparams", "compute_qparams_fast", "resolve_qrange", "validate_qmin_qmax", "check_qrange_fits_dtype", "default_qrange",
            "is_per_tensor", "is_per_channel", "is_symmetric", "is_float_qparams", "symmetric_zero_point",
            "PER_TENSOR_SCHEMES", "PER_CHANNEL_SCHEMES", "SUPPORTED_QSCHEMES"]
 
@@ -221,6 +222,9 @@ def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, quant_min: int
         raise ValueError(f"unsupported qscheme {qscheme}; expected one of {list(SUPPORTED_QSCHEMES)}")
     if quant_min >= quant_max:
         raise ValueError(f"quant_min={quant_min} must be strictly less than quant_max={quant_max}")
+    fast = compute_qparams_fast(min_val, max_val, int(quant_min), int(quant_max), qscheme, dtype, eps, customized_range)
+    if fast is not None:
+        return fast
     min_val = torch.as_tensor(min_val, dtype=torch.float32)
     max_val = torch.as_tensor(max_val, dtype=torch.float32, device=min_val.device)
     _check_min_max(min_val, max_val)
@@ -230,3 +234,45 @@ def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, quant_min: int
         raise ValueError(f"range [{min_val.tolist()}, {max_val.tolist()}] is too wide: its scale overflows "
                          f"float32 (quant_min={quant_min}, quant_max={quant_max})")
     return scale, zero_point
+
+
+
+def _cpu_scalar(value: object) -> bool:
+    return isinstance(value, float) or (isinstance(value, torch.Tensor) and value.numel() == 1
+                                        and value.device.type == "cpu" and value.is_floating_point())
+
+
+def _cpu_float32(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype == torch.float32
+
+
+def compute_qparams_fast(min_val: torch.Tensor | float, max_val: torch.Tensor | float, quant_min: int,
+                         quant_max: int, qscheme: torch.qscheme, dtype: torch.dtype, eps: torch.Tensor | float,
+                         customized: bool, flat: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`compute_qparams` without tensor ops on the CPU (``_qparams_fast``: same bits, several times faster):
+    Python floats for one affine / symmetric range, numpy float32 for per-channel ranges; None where the tensor path
+    must run (other devices and dtypes, non-finite or inverted ranges and other errors, unusual values). Arguments
+    as for :func:`compute_qparams`, already validated (known qscheme, ``quant_min < quant_max``); ``flat``: a single
+    range gives shape ``(1,)`` results whatever the shape of ``min_val``."""
+    if not _cpu_scalar(eps):
+        return None
+    try:
+        zp_sym = symmetric_zero_point(dtype, quant_min, quant_max, customized) if is_symmetric(qscheme) else None
+    except ValueError:
+        return None
+    if qscheme != torch.per_channel_affine_float_qparams and _cpu_scalar(min_val) and _cpu_scalar(max_val):
+        shape = min_val.shape if isinstance(min_val, torch.Tensor) else torch.Size(())
+        if isinstance(max_val, torch.Tensor) and max_val.shape != shape:
+            return None
+        one = per_tensor_qparams(float(min_val), float(max_val), quant_min, quant_max, qscheme, float(eps), zp_sym)
+        if one is None:
+            return None
+        if flat or len(shape) == 1:
+            return torch.tensor([one[0]], dtype=torch.float32), torch.tensor([one[1]], dtype=torch.int64)
+        return (torch.tensor(one[0], dtype=torch.float32).reshape(shape),
+                torch.tensor(one[1], dtype=torch.int64).reshape(shape))
+    if not (_cpu_float32(min_val) and _cpu_float32(max_val)) or min_val.shape != max_val.shape:  # type: ignore
+        return None
+    many = per_channel_qparams(min_val.detach().numpy(), max_val.detach().numpy(),  # type: ignore[union-attr]
+                               quant_min, quant_max, qscheme, float(eps), zp_sym)
+    return None if many is None else (torch.tensor(many[0]), torch.tensor(many[1]))  # own, resizable storage

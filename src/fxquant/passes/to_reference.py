@@ -13,6 +13,7 @@ After::   x -> quantize -> dequantize -> ref_conv -> quantize -> dequantize -> o
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 from typing import Any, Optional
@@ -25,6 +26,8 @@ from .._dtypes import dtype_range, is_float_qdtype, normalize_dtype
 from ..distributed import warn_if_unsynced
 from ..pipeline import Context, register_pass
 from .common import get_state, is_observer, set_module
+from .convert_builder import GraphBuilder
+from .convert_weights import WeightQParams, weight_qparams_of
 
 __all__ = ["to_reference", "weight_qparams_of", "ConvertError", "OBSERVED_RANGE"]
 
@@ -38,60 +41,11 @@ class ConvertError(ValueError):
     """convert_fx was given something it cannot convert."""
 
 
-def weight_qparams_of(obs: nn.Module) -> dict[str, Any]:
-    """torch.ao-style weight qparams dict from an observer / fake quant that has seen the weight."""
-    dtype = normalize_dtype(obs.dtype)
-    qscheme = getattr(obs, "qscheme", torch.per_tensor_affine)
-    if is_float_qdtype(dtype) and type(obs).__name__ == "PlaceholderObserver":  # fp16 weights: a cast, no qparams
-        return {"qscheme": None, "dtype": dtype}
-    scale, zero_point = obs.calculate_qparams()
-    out = {"qscheme": qscheme, "dtype": dtype, "scale": scale, "zero_point": zero_point}
-    if qscheme in _PER_CHANNEL:
-        out["axis"] = obs.ch_axis
-    out["quant_min"], out["quant_max"] = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
-    return out
-
-
-class _Builder:
-    """Adds buffers and q/dq nodes to the graph module."""
-
-    def __init__(self, gm: fx.GraphModule, backend_name: str = ""):
-        self.gm, self.backend_name = gm, backend_name
-        self.buffers: dict[tuple[int, str], str] = {}
-        self.attr_nodes: dict[str, fx.Node] = {}
-
-    def buffer(self, base: str, value: torch.Tensor) -> str:
-        name, k = base, 0
-        while hasattr(self.gm, name):
-            k += 1
-            name = f"{base}_{k}"
-        self.gm.register_buffer(name, value)
-        return name
-
-    def get_attr(self, name: str) -> fx.Node:
-        """One get_attr node per buffer, created at its first use (graph order keeps it before later uses)."""
-        node = self.attr_nodes.get(name)
-        if node is None:
-            node = self.attr_nodes[name] = self.gm.graph.get_attr(name)
-        return node
-
-    def qparams(self, obs: nn.Module, base: str) -> tuple[str, str]:
-        """Buffer names of ``obs``'s scale and zero point (shared by all nodes of one observer object)."""
-        key = (id(obs), "qp")
-        if key not in self.buffers:
-            scale, zp = obs.calculate_qparams()
-            s_name = self.buffer(f"{base}_scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone())
-            z_name = self.buffer(f"{base}_zero_point", torch.as_tensor(zp).detach().clone())
-            self.buffers[key] = s_name
-            self.buffers[(id(obs), "zp")] = z_name
-        return self.buffers[key], self.buffers[(id(obs), "zp")]
-
-
 def _is_per_channel(obs: nn.Module) -> bool:
     return getattr(obs, "qscheme", None) in _PER_CHANNEL
 
 
-def _static(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
+def _static(b: GraphBuilder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
     src = node.args[0]
     qmin, qmax = dtype_range(dtype)
     s_name, z_name = b.qparams(obs, src.name)
@@ -104,10 +58,10 @@ def _static(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> f
         src = b.get_attr(b.buffer(f"{str(src.target).replace('.', '_')}_int", q))
         return _dequant(b, src, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
     if per_channel:
-        qnode = b.gm.graph.call_function(ops.quantize_per_channel.default, (
+        qnode = b.call(ops.quantize_per_channel.default, (
             src, b.get_attr(s_name), b.get_attr(z_name), obs.ch_axis, qmin, qmax, dtype))
     else:
-        qnode = b.gm.graph.call_function(ops.quantize_per_tensor.default, (
+        qnode = b.call(ops.quantize_per_tensor.default, (
             src, b.get_attr(s_name), b.get_attr(z_name), qmin, qmax, dtype))
     # The q op clamps to the dtype's range (torch.ao's reference numerics); lowering may use the observer's
     # narrower range (x86 reduce_range: 0..127), which kernels without VNNI need to stay exact.
@@ -123,12 +77,12 @@ def _fetch_attr(root: nn.Module, target: str) -> torch.Tensor:
     return value
 
 
-def _dequant(b: _Builder, q: fx.Node, s_name: str, z_name: str, qmin: int, qmax: int, dtype: torch.dtype,
+def _dequant(b: GraphBuilder, q: fx.Node, s_name: str, z_name: str, qmin: int, qmax: int, dtype: torch.dtype,
              per_channel_obs: Optional[nn.Module]) -> fx.Node:
     if per_channel_obs is not None:
-        return b.gm.graph.call_function(ops.dequantize_per_channel.default, (
+        return b.call(ops.dequantize_per_channel.default, (
             q, b.get_attr(s_name), b.get_attr(z_name), per_channel_obs.ch_axis, qmin, qmax, dtype))
-    return b.gm.graph.call_function(ops.dequantize_per_tensor.default, (
+    return b.call(ops.dequantize_per_tensor.default, (
         q, b.get_attr(s_name), b.get_attr(z_name), qmin, qmax, dtype))
 
 
@@ -137,7 +91,7 @@ def _dequant(b: _Builder, q: fx.Node, s_name: str, z_name: str, qmin: int, qmax:
 _DYNAMIC_REDUCE_RANGE_BACKENDS = ("native", "x86", "fbgemm")
 
 
-def _dynamic(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
+def _dynamic(b: GraphBuilder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
     src = node.args[0]
     qmin, qmax = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
     if qmin is None or qmax is None:
@@ -146,21 +100,20 @@ def _dynamic(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> 
         qmin, qmax = dtype_range(dtype, reduce_range=True)
     eps = float(getattr(obs, "eps", torch.finfo(torch.float32).eps))
     symmetric = getattr(obs, "qscheme", None) in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
-    g = b.gm.graph
-    qp = g.call_function(ops.choose_qparams_per_tensor.default, (src, qmin, qmax, eps, dtype, symmetric))
-    scale = g.call_function(operator.getitem, (qp, 0))
-    zp = g.call_function(operator.getitem, (qp, 1))
+    qp = b.call(ops.choose_qparams_per_tensor.default, (src, qmin, qmax, eps, dtype, symmetric))
+    scale = b.call(operator.getitem, (qp, 0))
+    zp = b.call(operator.getitem, (qp, 1))
     full_min, full_max = dtype_range(dtype)
-    q = g.call_function(ops.quantize_per_tensor.default, (src, scale, zp, full_min, full_max, dtype))
-    return g.call_function(ops.dequantize_per_tensor.default, (q, scale, zp, full_min, full_max, dtype))
+    q = b.call(ops.quantize_per_tensor.default, (src, scale, zp, full_min, full_max, dtype))
+    return b.call(ops.dequantize_per_tensor.default, (q, scale, zp, full_min, full_max, dtype))
 
 
-def _float_cast(b: _Builder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
+def _float_cast(b: GraphBuilder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) -> fx.Node:
     g = b.gm.graph
     return g.call_method("to", (g.call_method("to", (node.args[0], dtype)), torch.float32))
 
 
-def _replace_observer(b: _Builder, node: fx.Node, obs: nn.Module, float_nodes: set[str]) -> None:
+def _replace_observer(b: GraphBuilder, node: fx.Node, obs: nn.Module, float_nodes: set[str]) -> None:
     src = node.args[0]
     dtype = normalize_dtype(getattr(obs, "dtype", torch.float32))
     consumers_float = bool(float_nodes) and all(u.op != "output" and u.name in float_nodes for u in node.users)
@@ -189,16 +142,11 @@ def _rnn_weight_names(mod: nn.Module) -> list[str]:
     return [n for n in getattr(mod, "_flat_weights_names", []) if n.startswith("weight")]
 
 
-def _observe_weights(part: nn.Module, qconfig: Any) -> dict[str, Any]:
-    """Weight qparams from a fresh weight observer: one dict, or {name: dict} for RNNs (one observer per weight)."""
-    def observe(weight: torch.Tensor) -> dict[str, Any]:
-        obs = qconfig.weight()
-        obs(weight.detach())
-        return weight_qparams_of(obs)
-
+def _observe_weights(part: nn.Module, qconfig: Any, wq: WeightQParams) -> dict[str, Any]:
+    """Weight qparams as a fresh weight observer gives them: one dict, or {name: dict} for RNNs (one per weight)."""
     if hasattr(part, "weight") and isinstance(part.weight, torch.Tensor):
-        return observe(part.weight)
-    return {name: observe(getattr(part, name)) for name in _rnn_weight_names(part)}
+        return wq(qconfig.weight, part.weight)
+    return {name: wq(qconfig.weight, getattr(part, name)) for name in _rnn_weight_names(part)}
 
 
 def _has_statistics(fake_quant: nn.Module) -> bool:
@@ -224,7 +172,7 @@ def _qat_weight_qparams(fake_quant: nn.Module, float_weight: torch.Tensor) -> di
     return weight_qparams_of(fake_quant)
 
 
-def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.Module:
+def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool, wq: WeightQParams) -> nn.Module:
     """Float / fused / QAT module -> the same structure with its weighted part replaced by the reference module.
 
     A QAT module keeps the weight qparams of its ``weight_fake_quant`` (those training used, bit for bit; unlike
@@ -232,11 +180,11 @@ def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.
     qat_fq = getattr(mod, "weight_fake_quant", None)
     if qat_fq is not None and hasattr(mod, "to_float"):
         mod = mod.to_float()
-        weight_qparams = _qat_weight_qparams(qat_fq, _weighted_part(mod)[0].weight)
+        part, index = _weighted_part(mod)
+        weight_qparams = _qat_weight_qparams(qat_fq, part.weight)
     else:
-        part, _ = _weighted_part(mod)
-        weight_qparams = _observe_weights(part, entry.qconfig)
-    part, index = _weighted_part(mod)
+        part, index = _weighted_part(mod)
+        weight_qparams = _observe_weights(part, entry.qconfig, wq)
     ref = entry.reference_cls.from_float(part, weight_qparams)
     if keep_original:
         ref.original_weight = part.weight if hasattr(part, "weight") else {
@@ -248,20 +196,24 @@ def _to_reference_module(mod: nn.Module, entry: Any, keep_original: bool) -> nn.
 
 
 def _swap_weighted(gm: fx.GraphModule, state: Any, float_nodes: set[str], keep_original: bool) -> None:
+    wq = WeightQParams()
     for path, entry in state.weighted_modules.items():
         mod = gm.get_submodule(path)
         if entry.node_name in float_nodes or entry.reference_cls is None:
             if hasattr(mod, "weight_fake_quant") and hasattr(mod, "to_float"):  # a QAT module left in float
                 set_module(gm, path, mod.to_float())
             continue
-        set_module(gm, path, _to_reference_module(mod, entry, keep_original))
+        set_module(gm, path, _to_reference_module(mod, entry, keep_original, wq))
 
 
 def _unfinished_observers(observers: list[nn.Module]) -> list[str]:
     out = []
     for name, obs in observers:
         min_val = getattr(obs, "min_val", None)
-        if isinstance(min_val, torch.Tensor) and min_val.numel() > 0 and torch.isinf(min_val).all():
+        if isinstance(min_val, torch.Tensor) and min_val.numel() == 1 and min_val.device.type == "cpu":
+            if math.isinf(min_val.item()):  # one value: no tensor op
+                out.append(name)
+        elif isinstance(min_val, torch.Tensor) and min_val.numel() > 0 and torch.isinf(min_val).all():
             out.append(name)
         elif isinstance(min_val, torch.Tensor) and min_val.numel() == 0 and hasattr(obs, "ch_axis"):
             out.append(name)
@@ -269,7 +221,7 @@ def _unfinished_observers(observers: list[nn.Module]) -> list[str]:
 
 
 def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str], backend_name: str) -> None:
-    b = _Builder(gm, backend_name)
+    b = GraphBuilder(gm, backend_name)
     modules = dict(gm.named_modules(remove_duplicate=False))
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_observer(modules.get(str(n.target)))]
     pairs = [(str(n.target), modules[str(n.target)]) for n in nodes]
@@ -330,5 +282,26 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
     _replace_all_observers(gm, float_nodes, getattr(state.backend_config, "name", ""))
     if ctx.remove_qconfig:
         _remove_qconfig(gm)
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     return gm
+
+
+def delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """``gm.delete_all_unused_submodules()`` in linear time (torch's looks every module up in a list of all used
+    names: quadratic in the number of modules). Used: the modules on the path of a call_module / get_attr target
+    and every submodule of a called module; the others are deleted, parents first."""
+    used: set[str] = set()
+    modules: Optional[dict[str, nn.Module]] = None
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr") or not isinstance(node.target, str):
+            continue
+        parts = node.target.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if node.op == "call_module":
+            if modules is None:
+                modules = dict(gm.named_modules(remove_duplicate=False))
+            called = modules.get(node.target)
+            if called is not None:
+                used.update(f"{node.target}.{name}" for name, _ in called.named_modules() if name)
+    for name in [name for name, _ in gm.named_modules() if name and name not in used]:
+        gm.delete_submodule(name)

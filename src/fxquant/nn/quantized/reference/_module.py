@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -16,6 +16,10 @@ from fxquant.nn.quantized.reference._weight import (
 __all__ = ["ReferenceWeightMixin"]
 
 _SUFFIXES = ("_int", "_scale", "_zero_point")
+_M = TypeVar("_M", bound="ReferenceWeightMixin")
+# (reference class, float class) -> the attributes the float class's __init__ sets (in_features, kernel_size, ...)
+_CTOR_ATTRS: dict[tuple[type, type], tuple[str, ...]] = {}
+_MODULE_ATTRS = frozenset(torch.nn.Module().__dict__)
 
 
 class ReferenceWeightMixin:
@@ -30,6 +34,28 @@ class ReferenceWeightMixin:
     _weight_specs: dict[str, WeightSpec]
 
     # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def _new_like(cls: type[_M], float_module: torch.nn.Module, build: Callable[[], _M]) -> _M:
+        """A reference module with ``float_module``'s geometry and no weight yet (``from_float`` attaches it).
+
+        ``build()`` constructs one through the float class's ``__init__`` (on the meta device); that costs ~10x
+        more than the quantization itself, so it runs once per class: later modules of the exact same float class
+        get a bare ``nn.Module`` with the attributes that ``__init__`` set copied from ``float_module`` (lists and
+        dicts copied) and no parameters, which is what ``build()`` leaves once the weight is attached.
+        """
+        key = (cls, type(float_module))
+        names = _CTOR_ATTRS.get(key)
+        if names is None or not all(name in float_module.__dict__ for name in names):
+            ref = build()
+            _CTOR_ATTRS[key] = tuple(n for n in ref.__dict__ if n in float_module.__dict__ and n not in _MODULE_ATTRS)
+            return ref
+        ref = cls.__new__(cls)
+        torch.nn.Module.__init__(ref)  # type: ignore[arg-type]
+        for name in names:
+            value = float_module.__dict__[name]
+            ref.__dict__[name] = type(value)(value) if isinstance(value, (list, dict)) else value
+        return ref
+
     def _attach_weight(self, name: str, float_weight: torch.Tensor, qparams: Mapping[str, Any] | None,
                        keep_original: bool = False) -> None:
         """Quantize ``float_weight`` with ``qparams`` (torch.ao's dict) and store it as buffers ``<name>_*``."""

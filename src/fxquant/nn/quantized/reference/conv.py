@@ -31,11 +31,15 @@ class _RefConvMixin(ReferenceWeightMixin):
         if not isinstance(float_conv, cls._FLOAT_CLS):
             raise TypeError(f"{cls.__name__}.from_float expects an nn.{cls._FLOAT_CLS.__name__}, "
                             f"got {type(float_conv).__name__}")
-        args = {field: getattr(float_conv, field) for field in cls._CTOR_FIELDS}
-        args["bias"] = float_conv.bias is not None
-        ref = cls(**args, device="meta", dtype=float_conv.weight.dtype)
+        def build() -> Any:
+            args = {field: getattr(float_conv, field) for field in cls._CTOR_FIELDS}
+            args["bias"] = float_conv.bias is not None
+            return cls(**args, device="meta", dtype=float_conv.weight.dtype)
+
+        ref = cls._new_like(float_conv, build)
         ref._attach_weight("weight", float_conv.weight, weight_qparams, keep_original_weights)
-        ref.bias = None if float_conv.bias is None else nn.Parameter(float_conv.bias.detach().clone())
+        ref.register_parameter("bias", None if float_conv.bias is None else
+                               nn.Parameter(float_conv.bias.detach().clone()))
         return ref
 
 

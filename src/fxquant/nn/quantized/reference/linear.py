@@ -36,8 +36,10 @@ class Linear(ReferenceWeightMixin, nn.Linear):
         """Quantize ``float_linear``'s weight with ``weight_qparams`` (torch.ao's dict); the bias stays float."""
         if not isinstance(float_linear, nn.Linear):
             raise TypeError(f"Linear.from_float expects an nn.Linear, got {type(float_linear).__name__}")
-        ref = cls(float_linear.in_features, float_linear.out_features, float_linear.bias is not None,
-                  device="meta", dtype=float_linear.weight.dtype)
+        ref = cls._new_like(float_linear, lambda: cls(
+            float_linear.in_features, float_linear.out_features, float_linear.bias is not None, device="meta",
+            dtype=float_linear.weight.dtype))
         ref._attach_weight("weight", float_linear.weight, weight_qparams, keep_original_weights)
-        ref.bias = None if float_linear.bias is None else nn.Parameter(float_linear.bias.detach().clone())
+        ref.register_parameter("bias", None if float_linear.bias is None else
+                               nn.Parameter(float_linear.bias.detach().clone()))
         return ref
