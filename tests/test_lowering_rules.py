@@ -56,15 +56,31 @@ class ConvAddRelu(nn.Module):
         return F.relu(self.conv2(F.relu(self.conv1(y))) + y)
 
 
-def test_conv_add_relu_fuses_into_one_onednn_call():
+def test_conv_add_relu_keeps_the_conv_outputs_own_quantization():
     x = _image()
     ref, low = _convert(ConvAddRelu(), x)
     posts = sorted(m.post_op for m in low.modules() if isinstance(m, fxquant.nn.quantized.Conv2d))
+    assert posts == ["none", "relu", "relu"]
+    counts = _counts(low)
+    assert counts.get("quantized.QuantizedBinary") == 1 and "add" not in counts and "relu" not in counts, counts
+    # inside and well outside the calibration range (where the conv output is clamped to its observed range)
+    assert _steps(ref, low, x) <= 1.0 and _steps(ref, low, x * 6) <= 1.0
+    rows = {r.node: r for r in lowering_report(low)}
+    assert rows["conv2"].lowered and rows["add"].lowered and rows["add"].rule != "weighted_add_relu", rows
+
+
+def test_fusing_the_add_into_the_conv_is_opt_in_and_skips_the_clamp(monkeypatch):
+    from fxquant.passes import lower_rules
+
+    x = _image()
+    monkeypatch.setattr(lower_rules, "FUSE_ADD_ACROSS_QUANTIZE", True)
+    ref, low = _convert(ConvAddRelu(), x)
+    posts = sorted(m.post_op for m in low.modules() if isinstance(m, fxquant.nn.quantized.Conv2d))
     assert posts == ["add_relu", "relu", "relu"]
-    assert "add" not in _counts(low) and "relu" not in _counts(low)
-    assert _steps(ref, low, x) <= 1.0  # the fused add skips the conv output's own rounding
     rows = {r.node: r for r in lowering_report(low)}
     assert rows["add"].rule == "weighted_add_relu" and rows["add"].lowered
+    assert _steps(ref, low, x) <= 1.0  # in range: only the conv output's rounding is skipped
+    assert _steps(ref, low, x * 6) > 1.0  # out of range: the skipped clamp shows (why it is off by default)
 
 
 class ShapeOps(nn.Module):

@@ -108,3 +108,28 @@ def test_table_lookup_moves_before_nearest_upsample_and_output_is_unchanged():
     out, ref = lowered(x), reference(x)
     step = (ref.max() - ref.min()).item() / 127
     assert (out - ref).abs().max().item() <= 1.01 * step
+
+
+@pytest.mark.parametrize("relu", (False, True))
+@pytest.mark.parametrize("quant_max", (127, 255))
+def test_large_quantized_add_through_onednn_equals_the_aten_kernel(relu, quant_max):
+    from fxquant.kernels import x86
+    from fxquant.nn.quantized import QuantizedBinary
+
+    if not x86.onednn_available():
+        pytest.skip("onednn int8 ops not in this build")
+    gen = torch.Generator().manual_seed(5)
+    shape = (2, 32, 40, 40)  # 102k elements: above the rule's 2^16
+    a = torch.randint(0, quant_max + 1, shape, generator=gen).to(torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    b = torch.randint(0, quant_max + 1, shape, generator=gen).to(torch.uint8)  # contiguous: converted by the kernel
+    mod = QuantizedBinary("add", (0.05, 64), (0.04, 70), (0.07, 60), relu=relu, quant_max=quant_max)
+    assert mod._onednn_add(a)
+    b_before = b.clone()
+    got = mod(a, b)
+    consts, relu_min = mod._scalars()
+    expected = uint8.binary("add", a, b, consts, relu_min, 0, quant_max, torch.uint8)
+    assert torch.equal(got, expected)
+    assert torch.equal(b, b_before)  # onednn accumulates into a copy: b is not written
+    small = a[:, :, :8, :8].contiguous()
+    assert not mod._onednn_add(small)

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 __all__ = ["ActQParams", "pack_linear", "pack_conv", "linear", "conv", "split_halves", "unary_with_clamp", "UNARY",
-           "BINARY", "CONV_FUSED"]
+           "BINARY", "CONV_FUSED", "pack_identity_depthwise", "add"]
 
 _OPS = torch.ops.onednn
 
@@ -111,3 +111,25 @@ def unary_with_clamp(post_op: str, clamp: tuple[int, int] | None, out_scale: flo
         return attr, [], algo, clamp
     lo, hi = ((v - out_zero_point) * out_scale for v in clamp)
     return "hardtanh", [max(lo, 0.0) if post_op == "relu" else lo, hi], "", None
+
+
+def pack_identity_depthwise(channels: int, x: ActQParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed weight, weight scales, weight zero points)`` of a 1x1 depthwise conv with weights 1 on ``channels``:
+    with onednn's binary ``sum`` post-op it computes ``quantize(dequantize(a) + dequantize(b))`` in one call."""
+    w_scale = torch.ones(channels)
+    packed = pack_conv(torch.ones(channels, 1, 1, 1, dtype=torch.int8), w_scale, x, [1, 1], [0, 0], [1, 1], channels)
+    return packed, w_scale, torch.zeros(channels, dtype=torch.long)
+
+
+def add(a: torch.Tensor, a_q: ActQParams, b: torch.Tensor, b_q: ActQParams, out: ActQParams, relu: bool,
+        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``quantize(dequantize(a) + dequantize(b))`` (+ relu) of two uint8 images of the same shape (4-d), as an
+    identity depthwise conv of ``a`` accumulating into a copy of ``b`` (:func:`pack_identity_depthwise`). Exact:
+    the weights are 1 (no saturation with any uint8 input) and onednn rounds half to even like the reference."""
+    weight, w_scale, w_zp = packed
+    accum = b.contiguous(memory_format=torch.channels_last)
+    accum = accum.clone(memory_format=torch.channels_last) if accum is b else accum  # written in place
+    c = a.shape[1]
+    return _OPS.qconv2d_pointwise.binary(a, a_q.scale, a_q.zero_point, weight, w_scale, w_zp, accum, None, [1, 1],
+                                         [0, 0], [1, 1], c, out.scale, out.zero_point, out.dtype, b_q.scale,
+                                         b_q.zero_point, "sum", 1.0, "relu" if relu else "none", [], None)

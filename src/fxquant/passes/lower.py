@@ -16,7 +16,11 @@ Before (ResNet basic block, reference)::
     out_q = quantize(relu(s))
 After::
 
-    out_q = conv2(x_q, skip_q)          # fxquant.nn.quantized.Conv2d, post_op add_relu
+    c_q = conv2(x_q)                    # fxquant.nn.quantized.Conv2d: exact integer output (rounded, clamped)
+    out_q = add_relu(c_q, skip_q)       # QuantizedBinary: onednn identity depthwise conv + sum, or aten ops
+
+(Fusing the add into the conv as onednn's binary post-op skips ``c_q``'s clamp: see
+``lower_rules.FUSE_ADD_ACROSS_QUANTIZE``, off by default.)
 
 Whatever matches no rule stays as it was (dequantize -> float op -> quantize: correct, and listed by
 :func:`~fxquant.passes.lower_build.lowering_report` with the reason). The ``cleanup`` pass then swaps the remaining

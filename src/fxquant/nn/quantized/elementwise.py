@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxquant.kernels import dynamic
+from fxquant.kernels import dynamic, onednn, x86
 from fxquant.kernels import uint8 as k
 
 __all__ = ["Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic"]
@@ -229,7 +229,31 @@ class QuantizedBinary(_ScalarModule):
             q = torch.round(y / self.out_scale + self.out_zero_point)
             return q.clamp(self.quant_min, self.quant_max).to(self.dtype)
         consts, relu_min = self._scalars()
+        if self.op == "add" and a.dim() == 4 and a.shape == b.shape and a.dtype == b.dtype == self.dtype == \
+                torch.uint8 and a.is_cpu and self._onednn_add(a):
+            return self._run_onednn_add(a, b)
         return k.binary(self.op, a, b, consts, relu_min, self.quant_min, self.quant_max, self.dtype)
+
+    def _onednn_add(self, a: torch.Tensor) -> bool:
+        """Whether the kernel rules send an add of this size to onednn (cached per element count)."""
+        key = ("add_kernel", a.numel())
+        choice = self._kernel_cache.get(key)
+        if choice is None:
+            facts = x86.Facts(device=a.device.type, macs=a.numel(), onednn_ok=True)
+            choice = self._kernel_cache[key] = x86.choose("add", facts)
+        return choice == "onednn_identity_conv"  # type: ignore[no-any-return]
+
+    def _run_onednn_add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        key = ("onednn_add", a.shape[1])
+        plan = self._kernel_cache.get(key)
+        if plan is None:
+            a_q = onednn.ActQParams(float(self.a_scale), int(self.a_zero_point))
+            b_q = onednn.ActQParams(float(self.b_scale), int(self.b_zero_point))
+            out = onednn.ActQParams(float(self.out_scale), int(self.out_zero_point))
+            plan = self._kernel_cache[key] = (a_q, b_q, out, onednn.pack_identity_depthwise(a.shape[1], a_q))
+        a_q, b_q, out, packed = plan
+        y = onednn.add(a, a_q, b, b_q, out, self.relu, packed)
+        return y if (self.quant_min, self.quant_max) == (0, 255) else y.clamp_(self.quant_min, self.quant_max)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "op": self.op, "relu": self.relu}
