@@ -16,7 +16,7 @@ from fxquant.nn.quantized.reference import Conv2d as RefConv2d
 from fxquant.nn.quantized.reference import Linear as RefLinear
 from fxquant.passes.convert_builder import node_name
 from fxquant.passes.convert_weights import WeightQParams, weight_qparams_of
-from fxquant.passes.to_reference import delete_unused_submodules
+from fxquant.passes.common import delete_unused_submodules
 from fxquant.qparams import _FORMULAS, symmetric_zero_point
 
 RANGES = [(torch.uint8, (0, 255)), (torch.uint8, (0, 127)), (torch.uint8, (3, 250)), (torch.int8, (-128, 127)),

@@ -21,6 +21,7 @@ from torch import fx, nn
 from .. import nn as fnn
 from ..kernels import uint8
 from ..pipeline import Context, register_pass
+from .common import delete_unused_submodules
 from .lower_build import Lowering
 from .lower_match import attr_value, kind_of
 
@@ -124,18 +125,20 @@ def _drop_unread_attributes(gm: fx.GraphModule, low: Lowering) -> None:
             delattr(gm, name)
 
 
-def cleanup_graph_module(gm: fx.GraphModule, low: Lowering) -> fx.GraphModule:
-    """Swap remaining q / dq ops for modules, remove dead code and unread state (see the module docstring)."""
+def cleanup_graph_module(gm: fx.GraphModule, low: Lowering, recompile: bool = True) -> fx.GraphModule:
+    """Swap remaining q / dq ops for modules, remove dead code and unread state (see the module docstring); then
+    regenerate the code unless ``recompile`` is False (the pass: ``pipeline.run`` does it once per stage)."""
     _swap_qdq(low)
     _sink_tables(low)
     _compose_tables(low)
     gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)  # torch's delete_all_unused_submodules is quadratic in the module count
     _drop_unread_attributes(gm, low)
     if low.keep_original_weights:
         setattr(gm, ORIGINAL_WEIGHTS_LOOKUP, dict(low.original_weights))
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return gm
 
 
@@ -145,4 +148,4 @@ def cleanup(gm: nn.Module, ctx: Context) -> nn.Module:
     assert isinstance(gm, fx.GraphModule)
     low = gm.meta.pop("fxquant_lowering", None) or Lowering(gm, ctx.keep_original_weights)
     low.modules = dict(gm.named_modules(remove_duplicate=False))
-    return cleanup_graph_module(gm, low)
+    return cleanup_graph_module(gm, low, recompile=False)

@@ -25,7 +25,7 @@ from .. import ops as _registers_ops  # noqa: F401  (registers torch.ops.fxquant
 from .._dtypes import dtype_range, is_float_qdtype, normalize_dtype
 from ..distributed import warn_if_unsynced
 from ..pipeline import Context, register_pass
-from .common import get_state, is_observer, set_module
+from .common import delete_unused_submodules, get_state, is_observer, set_module
 from .convert_builder import GraphBuilder
 from .convert_weights import WeightQParams, weight_qparams_of
 
@@ -284,24 +284,3 @@ def to_reference(gm: nn.Module, ctx: Context) -> fx.GraphModule:
         _remove_qconfig(gm)
     delete_unused_submodules(gm)
     return gm
-
-
-def delete_unused_submodules(gm: fx.GraphModule) -> None:
-    """``gm.delete_all_unused_submodules()`` in linear time (torch's looks every module up in a list of all used
-    names: quadratic in the number of modules). Used: the modules on the path of a call_module / get_attr target
-    and every submodule of a called module; the others are deleted, parents first."""
-    used: set[str] = set()
-    modules: Optional[dict[str, nn.Module]] = None
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr") or not isinstance(node.target, str):
-            continue
-        parts = node.target.split(".")
-        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-        if node.op == "call_module":
-            if modules is None:
-                modules = dict(gm.named_modules(remove_duplicate=False))
-            called = modules.get(node.target)
-            if called is not None:
-                used.update(f"{node.target}.{name}" for name, _ in called.named_modules() if name)
-    for name in [name for name, _ in gm.named_modules() if name and name not in used]:
-        gm.delete_submodule(name)
