@@ -54,7 +54,7 @@ def test_fast_qparams_equal_the_tensor_formula(per_channel):
         except ValueError:
             zp = None
         if per_channel:
-            fast = per_channel_qparams(lo.numpy(), hi.numpy(), qmin, qmax, qscheme, eps, zp)
+            fast = per_channel_qparams(lo, hi, qmin, qmax, qscheme, eps, zp)
         else:
             one = per_tensor_qparams(float(lo[0]), float(hi[0]), qmin, qmax, qscheme, eps, zp)
             fast = None if one is None else (torch.tensor([one[0]]), torch.tensor([one[1]]))

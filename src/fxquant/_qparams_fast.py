@@ -69,37 +69,42 @@ def per_tensor_qparams(lo: float, hi: float, quant_min: int, quant_max: int, qsc
     return scale, min(max(zero_point, quant_min), quant_max)
 
 
-def per_channel_qparams(lo: np.ndarray, hi: np.ndarray, quant_min: int, quant_max: int, qscheme: torch.qscheme,
-                        eps: float, symmetric_zp: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-channel ``(scale, zero_point)`` of float32 arrays ``lo <= hi`` (any shape), or None (see module doc).
-
-    Scale float32; zero point int64, or float32 for ``per_channel_affine_float_qparams``.
-    """
+def per_channel_qparams(min_val: torch.Tensor, max_val: torch.Tensor, quant_min: int, quant_max: int,
+                        qscheme: torch.qscheme, eps: float,
+                        symmetric_zp: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel ``(scale, zero_point)`` of CPU float32 tensors ``min_val <= max_val`` (one shape), or None (see
+    the module doc). Scale float32; zero point int64, or float32 for ``per_channel_affine_float_qparams``. The
+    results are written into new torch tensors (numpy ``out=``), so they own ordinary, resizable storage."""
+    lo, hi = min_val.detach().numpy(), max_val.detach().numpy()
     eps32 = np.float32(f32(eps))
-    if not (0.0 < eps32 < np.inf) or lo.dtype != np.float32 or hi.dtype != np.float32:
+    if lo.size == 0 or not 0.0 < eps32 < np.inf:
         return None
-    with np.errstate(all="ignore"):
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all() and (lo <= hi).all()):
-            return None
-        span = np.float32(float(quant_max - quant_min))
+    # every value finite: the smallest low and the largest high are, and each low <= its high (NaN fails both)
+    if not (math.isfinite(lo.min()) and math.isfinite(hi.max()) and (lo <= hi).all()):
+        return None
+    scale_t = torch.empty(lo.shape, dtype=torch.float32)
+    scale = scale_t.numpy()
+    with np.errstate(all="ignore"):  # an overflowing scale is refused below, without numpy's warning
         if qscheme == torch.per_channel_affine_float_qparams:
-            scale = (hi - lo) / span
-            scale = np.where(scale > eps32, scale, np.float32(1.0))
-            zero_point: np.ndarray = -lo / scale
+            np.copyto(scale, (hi - lo) / np.float32(float(quant_max - quant_min)))
+            np.copyto(scale, np.float32(1.0), where=~(scale > eps32))
+            zp_t = torch.empty(lo.shape, dtype=torch.float32)
+            np.divide(-lo, scale, out=zp_t.numpy())
         else:
             min_neg, max_pos = np.minimum(lo, np.float32(0.0)), np.maximum(hi, np.float32(0.0))
             if qscheme in _SYMMETRIC:
                 if symmetric_zp is None:
                     return None
-                scale = np.maximum(np.maximum(-min_neg, max_pos) / np.float32(float(quant_max - quant_min) / 2),
-                                   eps32)
-                zero_point = np.full(scale.shape, symmetric_zp, dtype=np.int64)
+                half = np.float32(float(quant_max - quant_min) / 2)
+                np.maximum(np.maximum(-min_neg, max_pos) / half, eps32, out=scale)
+                zp_t = torch.full(lo.shape, symmetric_zp, dtype=torch.int64)
             elif qscheme in _AFFINE:
-                scale = np.maximum((max_pos - min_neg) / span, eps32)
-                offset = np.rint(min_neg / scale).astype(np.int64)
-                zero_point = np.clip(quant_min - offset, quant_min, quant_max)
+                np.maximum((max_pos - min_neg) / np.float32(float(quant_max - quant_min)), eps32, out=scale)
+                zp_t = torch.empty(lo.shape, dtype=torch.int64)
+                np.clip(quant_min - np.rint(min_neg / scale).astype(np.int64), quant_min, quant_max,
+                        out=zp_t.numpy())
             else:
                 return None
-        if not np.isfinite(scale).all() or scale.dtype != np.float32:
+        if not math.isfinite(scale.max()):
             return None
-    return scale, zero_point
+    return scale_t, zp_t

@@ -273,6 +273,5 @@ def compute_qparams_fast(min_val: torch.Tensor | float, max_val: torch.Tensor | 
                 torch.tensor(one[1], dtype=torch.int64).reshape(shape))
     if not (_cpu_float32(min_val) and _cpu_float32(max_val)) or min_val.shape != max_val.shape:  # type: ignore
         return None
-    many = per_channel_qparams(min_val.detach().numpy(), max_val.detach().numpy(),  # type: ignore[union-attr]
-                               quant_min, quant_max, qscheme, float(eps), zp_sym)
-    return None if many is None else (torch.tensor(many[0]), torch.tensor(many[1]))  # own, resizable storage
+    return per_channel_qparams(min_val, max_val, quant_min, quant_max, qscheme, float(eps),  # type: ignore[arg-type]
+                               zp_sym)
