@@ -27,8 +27,8 @@ import torch
 from fxquant._dtypes import dtype_range, normalize_dtype
 from fxquant._qparams_fast import per_channel_qparams, per_tensor_qparams
 
-__all__ = ["compute_qparams", "compute_qparams_fast", "resolve_qrange", "validate_qmin_qmax", "check_qrange_fits_dtype", "default_qrange",
-           "is_per_tensor", "is_per_channel", "is_symmetric", "is_float_qparams", "symmetric_zero_point",
+__all__ = ["compute_qparams", "compute_qparams_fast", "resolve_qrange", "validate_qmin_qmax", "check_qrange_fits_dtype",
+           "default_qrange", "is_per_tensor", "is_per_channel", "is_symmetric", "is_float_qparams", "symmetric_zero_point",
            "PER_TENSOR_SCHEMES", "PER_CHANNEL_SCHEMES", "SUPPORTED_QSCHEMES"]
 
 PER_TENSOR_SCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric)
