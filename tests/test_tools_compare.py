@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import copy
 import math
+import operator
 import re
 
 import pytest
@@ -40,7 +41,7 @@ def resnet():
 
 @pytest.fixture(scope="module")
 def resnet_lowered():
-    """The lowered model (int8 kernels, fused conv + add + relu)."""
+    """The lowered model (int8 kernels: conv (+ relu), and add + relu as one integer kernel)."""
     model, quantized, example_inputs = _quantize("resnet18")
     return model, quantized, example_inputs, compare(model, quantized, example_inputs)
 
@@ -60,13 +61,17 @@ def test_rows_are_sorted_worst_first_and_cover_the_quantized_layers(resnet, resn
     assert explained <= names
     assert {"conv1", "fc", "layer1_0_conv2", "add"} <= names
     weighted = {n for n, m in resnet[0].named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
+    adds = {n.name for n in resnet[1].graph.nodes if n.op == "call_function" and n.target in (operator.add,
+                                                                                               operator.iadd)}
     lowered = {r.node for r in resnet_lowered[3]}
-    assert {n.replace(".", "_") for n in weighted} == lowered  # every conv / linear kernel, by its first op
+    assert len(adds) == 8 and not adds & {n.replace(".", "_") for n in weighted}
+    # every conv / linear kernel by its first op, and each residual add + relu kernel (each its own add)
+    assert {n.replace(".", "_") for n in weighted} | adds == lowered
 
 
 def test_lowered_fused_kernel_is_compared_after_its_last_op(resnet_lowered):
-    row = resnet_lowered[3].row("layer1_0_conv2")  # conv2 + add + relu in one kernel
-    assert "layer1_0_relu_1" in row.note and row.act_sqnr > 25.0 and row.local_sqnr > 25.0
+    row = resnet_lowered[3].row("add_1")  # add + relu of layer1[1] in one kernel
+    assert "layer1_1_relu_1" in row.note and row.act_sqnr > 25.0 and row.local_sqnr > 25.0
 
 
 @CONVERTS

@@ -129,8 +129,8 @@ class LoweredView:
     # ------------------------------------------------------------------------------------------ matching
     def _candidates(self, node: fx.Node) -> list[str]:
         names = [node.name, re.sub(r"_\d+$", "", node.name)]
-        if node.op == "call_module":
-            names += [str(node.target).replace(".", "_")]
+        if node.op == "call_module":  # a lowered module is named after the float op it replaces: that name first
+            names.insert(0, str(node.target).replace(".", "_"))
         return list(dict.fromkeys(n for n in names if n in self.f_nodes))
 
     def _post_ops(self, node: fx.Node, first: fx.Node) -> list[str]:
