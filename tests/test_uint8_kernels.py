@@ -133,3 +133,39 @@ def test_large_quantized_add_through_onednn_equals_the_aten_kernel(relu, quant_m
     assert torch.equal(b, b_before)  # onednn accumulates into a copy: b is not written
     small = a[:, :, :8, :8].contiguous()
     assert not mod._onednn_add(small)
+
+
+@pytest.mark.parametrize("relu", (False, True))
+def test_pointwise_conv_on_a_1x1_image_runs_as_a_matrix_product_with_the_same_result(relu):
+    """Squeeze-excite convs (1x1 kernels on pooled 1x1 images) take F.linear in the folded float plan."""
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+
+        def forward(self, x):
+            s = self.fc1(self.pool(x))
+            return x * torch.sigmoid(self.fc2(torch.relu(s) if relu else s))
+
+    torch.manual_seed(0)
+    model = SE().eval()
+    data = [torch.randn(2, 16, 8, 8) for _ in range(3)]
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (data[0],))
+    for d in data:
+        prepared(d)
+    reference = fxquant.convert_to_reference_fx(copy.deepcopy(prepared))
+    lowered = fxquant.convert_fx(prepared)
+    x = torch.randn(2, 16, 8, 8)
+    calls = []
+    original = F.linear
+    try:
+        F.linear = lambda *a, **k: calls.append(a[1].shape) or original(*a, **k)  # type: ignore[assignment]
+        out = lowered(x)
+    finally:
+        F.linear = original  # type: ignore[assignment]
+    assert (16, 8) in calls and (8, 16) in calls  # both convs took the matrix product
+    ref = reference(x)
+    step = float([m.scale for m in lowered.modules() if type(m).__name__ == "DeQuantize"][-1])
+    assert (out - ref).abs().max().item() <= step * 1.001
+    again = lowered(x[:, :, :1, :1].contiguous())  # a 1x1 input image: the pooled tensor is 1x1 too
+    assert again.shape == (2, 16, 1, 1)
