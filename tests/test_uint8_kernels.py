@@ -88,14 +88,19 @@ class _UpThenTable(nn.Module):
         return torch.cat([self.up(torch.relu(self.a(x)) * 3.0), self.b(x)], dim=1)
 
 
-def test_table_lookup_moves_before_nearest_upsample_and_output_is_unchanged():
+def _reference_and_lowered(model: nn.Module, shape: tuple) -> tuple[nn.Module, nn.Module]:
+    """(convert_to_reference_fx, convert_fx) of ``model`` calibrated on three random batches (x86 defaults)."""
     torch.manual_seed(0)
-    model = _UpThenTable().eval()
-    data = [torch.randn(1, 3, 32, 32) for _ in range(3)]
-    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (data[0],))
+    data = [torch.randn(*shape) for _ in range(3)]
+    prepared = fxquant.prepare_fx(model.eval(), fxquant.get_default_qconfig_mapping("x86"), (data[0],))
     for d in data:
         prepared(d)
-    lowered = fxquant.convert_fx(copy.deepcopy(prepared))  # (conversion works in place)
+    reference = fxquant.convert_to_reference_fx(copy.deepcopy(prepared))  # (conversion works in place)
+    return reference, fxquant.convert_fx(prepared)
+
+
+def test_table_lookup_moves_before_nearest_upsample_and_output_is_unchanged():
+    reference, lowered = _reference_and_lowered(_UpThenTable(), (1, 3, 32, 32))
     modules = dict(lowered.named_modules())
     tables = [n for n in lowered.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], LookupTable)]
     assert tables, lowered.code
@@ -103,7 +108,6 @@ def test_table_lookup_moves_before_nearest_upsample_and_output_is_unchanged():
     # before the upsample (on a quarter of the values)
     assert len(tables) == 1, lowered.code
     assert tables[0].args[0].target == "a" and [u.target for u in tables[0].users] == [uint8.interpolate]
-    reference = fxquant.convert_to_reference_fx(prepared)
     x = torch.randn(1, 3, 32, 32)
     out, ref = lowered(x), reference(x)
     step = (ref.max() - ref.min()).item() / 127
@@ -147,14 +151,7 @@ def test_pointwise_conv_on_a_1x1_image_runs_as_a_matrix_product_with_the_same_re
             s = self.fc1(self.pool(x))
             return x * torch.sigmoid(self.fc2(torch.relu(s) if relu else s))
 
-    torch.manual_seed(0)
-    model = SE().eval()
-    data = [torch.randn(2, 16, 8, 8) for _ in range(3)]
-    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (data[0],))
-    for d in data:
-        prepared(d)
-    reference = fxquant.convert_to_reference_fx(copy.deepcopy(prepared))
-    lowered = fxquant.convert_fx(prepared)
+    reference, lowered = _reference_and_lowered(SE(), (2, 16, 8, 8))
     x = torch.randn(2, 16, 8, 8)
     calls = []
     original = F.linear
