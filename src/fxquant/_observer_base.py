@@ -135,6 +135,22 @@ class UniformQuantizationObserverBase(_NonFiniteFilter, ObserverBase):
         zp_dtype = torch.float32 if is_float_qparams(self.qscheme) else torch.int64
         return torch.tensor([1.0], device=device), torch.tensor([0], dtype=zp_dtype, device=device)
 
+    def _fresh_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (min, max) a fresh copy of this observer would record from ``x`` alone; None: not known here."""
+        return None
+
+    def _qparams_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What a fresh copy of this observer returns from ``calculate_qparams`` after observing only ``x``, without
+        building that copy or changing this observer (convert asks it for every weight). None where that needs the
+        full path (empty or non-finite data, other devices, observers without :meth:`_fresh_range`): observe a
+        fresh copy then."""
+        found = self._fresh_range(x) if x.numel() else None
+        if found is None:
+            return None
+        lo, hi = found
+        return compute_qparams_fast(lo, hi, self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps,
+                                    self.has_customized_qrange, flat=lo.dim() == 0)
+
     def _calculate_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale / zero point for [min_val, max_val] (per tensor: shape ``(1,)``; per channel: ``(C,)``).
 
@@ -204,15 +220,8 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         """Scale and zero point (shape ``(1,)``) of the observed range."""
         return self._calculate_qparams(self.min_val, self.max_val)
 
-    def _qparams_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What a fresh copy of this observer returns from ``calculate_qparams`` after observing only ``x``, without
-        building that copy or changing this observer (convert asks it for every weight). None where that needs the
-        full path (empty or non-finite data, other devices): observe a fresh copy then."""
-        if x.numel() == 0:
-            return None
-        lo, hi = torch.aminmax(x.detach().to(self.min_val.dtype))
-        return compute_qparams_fast(lo, hi, self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps,
-                                    self.has_customized_qrange, flat=True)
+    def _fresh_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.aminmax(x.detach().to(self.min_val.dtype))
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, max_val={self.max_val}"

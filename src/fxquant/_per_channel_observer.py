@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from fxquant._observer_base import _EPS, UniformQuantizationObserverBase
-from fxquant.qparams import compute_qparams_fast, is_per_channel
+from fxquant.qparams import is_per_channel
 
 __all__ = ["PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver"]
 
@@ -75,15 +75,8 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         """Per-channel scales and zero points, shape ``(C,)``."""
         return self._calculate_qparams(self.min_val, self.max_val)
 
-    def _qparams_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What a fresh copy of this observer returns from ``calculate_qparams`` after observing only ``x``, without
-        building that copy or changing this observer (convert asks it for every weight). None where that needs the
-        full path (empty or non-finite data, other devices): observe a fresh copy then."""
-        if x.numel() == 0:
-            return None
-        lo, hi = torch.aminmax(self._rows(x.detach()), dim=1)
-        return compute_qparams_fast(lo, hi, self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps,
-                                    self.has_customized_qrange)
+    def _fresh_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.aminmax(self._rows(x.detach()), dim=1)
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, max_val={self.max_val}"
