@@ -22,7 +22,9 @@ from .lower_build import Lowering, Rule
 from .lower_match import Pat, attr_value, kind_of
 from .lower_ops import IDENTITY_OPS, INTEGER_KERNELS, INTEGER_OPS, RENAMED_METHODS, SHAPE_QUERIES
 
-__all__ = ["NORMALIZE_RULES"]
+__all__ = ["NORMALIZE_RULES", "FLOAT_NAME"]
+
+FLOAT_NAME = "fxquant_float_name"  # node.meta of an integer op sunk below a dequantize: the float op's node name
 
 _OPS = torch.ops.fxquant
 _INT_ARITH = frozenset({"size", "numel", "dim", operator.getitem, operator.floordiv, "add", "mul", operator.sub,
@@ -80,6 +82,7 @@ def _sink_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
         target, module_args = INTEGER_KERNELS[kind]
         op, args = "call_function", (module_args(low.module(node)) if module_args else args)
     new = low.call(node, op, target, (dq.args[0],) + args, dict(node.kwargs))
+    new.meta[FLOAT_NAME] = node.meta.get(FLOAT_NAME, node.name)  # (for tools.compare: the same value in float)
     _, several = INTEGER_OPS[kind]
     if not several:
         return low.call(node, "call_function", dq.target, (new,) + tuple(dq.args[1:]))

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from ..ops import quantize_per_tensor
 from ..passes.lower_build import lowering_records
+from ..passes.lower_rules_ops import FLOAT_NAME
 from . import _capture
 
 __all__ = ["LoweredView", "is_lowered"]
@@ -180,6 +181,9 @@ class LoweredView:
         pair = self.match(arg)
         if pair is not None:
             return pair[1]
+        float_name = arg.meta.get(FLOAT_NAME)  # an integer op the lowering moved: the float op it stands for
+        if float_name in f_env and float_name in self.f_nodes:
+            return self.f_nodes[float_name]
         inputs = arg.all_input_nodes
         if arg.op == "call_module" and len(inputs) == 1 and _is_int(self.q_env.get(arg.name)) and \
                 not _is_int(self.q_env.get(inputs[0].name)):
