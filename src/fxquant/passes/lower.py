@@ -7,7 +7,8 @@ applies them. Two rule sets run in turn:
    weights into reference modules, and sink each dequantize below the ops that only move integers
    (``lower_rules_ops``);
 2. lower, from the outputs back (so the largest pattern, e.g. conv + add + relu, is seen before its parts):
-   weighted ops into lowered modules (``lower_rules``), then the element-wise rules (``lower_rules_elementwise``);
+   weighted ops into lowered modules (``lower_rules``), normalizations / softmax / matmul of two activations
+   (``lower_rules_norm``), then the element-wise rules (``lower_rules_elementwise``);
 3. fold, in graph order: clamps of a conv's integer output into the conv (``lower_rules_fold``).
 
 Before (ResNet basic block, reference)::
@@ -38,6 +39,7 @@ from .lower_match import Pat, kind_of, match
 from .lower_rules import WEIGHTED_RULES, CannotLower
 from .lower_rules_elementwise import ELEMENTWISE_RULES
 from .lower_rules_fold import FOLD_RULES
+from .lower_rules_norm import NORM_RULES
 from .lower_rules_ops import NORMALIZE_RULES
 
 __all__ = ["lower", "verify_lowered", "RULE_SETS", "lower_graph_module"]
@@ -45,7 +47,7 @@ __all__ = ["lower", "verify_lowered", "RULE_SETS", "lower_graph_module"]
 # (rule set, visit order)
 RULE_SETS: tuple[tuple[tuple[Rule, ...], str], ...] = (
     (NORMALIZE_RULES, "forward"),
-    (WEIGHTED_RULES + ELEMENTWISE_RULES, "backward"),
+    (WEIGHTED_RULES + NORM_RULES + ELEMENTWISE_RULES, "backward"),
     (FOLD_RULES, "forward"),
 )
 _QDQ = frozenset({"q", "dq", "q_dynamic", "dq_dynamic", "dq_weight", "choose_qparams"})

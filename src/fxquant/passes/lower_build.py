@@ -72,7 +72,7 @@ class Lowering:
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self._calls[str(node.target)] = self._calls.get(str(node.target), 0) + 1
-        self._replaced: set[str] = set()
+        self._replaced: dict[str, str] = {}  # module path replaced in place -> the replaced module's class name
 
     # ------------------------------------------------------------------------------------------ reading
     def qparams(self, node: fx.Node) -> QParams:
@@ -95,7 +95,7 @@ class Lowering:
         """Register ``mod`` on the root under a free name derived from ``base``; a module the graph calls once
         (the reference module being lowered) is replaced in place, so lowered models keep the float model's names."""
         if base in self.modules and self._calls.get(base, 0) == 1 and base not in self._replaced:
-            self._replaced.add(base)
+            self._replaced[base] = type(self.modules[base]).__name__
             parent, _, leaf = base.rpartition(".")
             setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, mod)
             self.modules[base] = mod
@@ -125,10 +125,12 @@ class Lowering:
         if OBSERVED_RANGE in old.meta and OBSERVED_RANGE not in new.meta:
             new.meta[OBSERVED_RANGE] = old.meta[OBSERVED_RANGE]
         old.replace_all_uses_with(new)
+        if not kernel and new not in self.created:  # an existing value takes over: nothing runs
+            kernel = "none (the input passes through)"
         kernel = kernel or (type(self.module(new)).__name__ if new.op == "call_module" else _op_name(new, {}))
         for op in ops:
             if op not in self.created:
-                self.records[op.name] = LoweredNode(op.name, _op_name(op, self.modules), rule, kernel)
+                self.records[op.name] = LoweredNode(op.name, self._op_name(op), rule, kernel)
         self.erase_dead(old)
         return new
 
@@ -142,6 +144,11 @@ class Lowering:
             inputs = n.all_input_nodes
             self.graph.erase_node(n)
             work.extend(inputs)
+
+    def _op_name(self, op: fx.Node) -> str:
+        """The name of the float op ``op`` ran (its module's class before a lowered module took its place)."""
+        replaced = self._replaced.get(str(op.target)) if op.op == "call_module" else None
+        return replaced or _op_name(op, self.modules)
 
     def keep(self, node: fx.Node, reason: str) -> None:
         """Record that ``node`` stays in reference form, and why."""

@@ -2,7 +2,8 @@
 dequantized integer tensors; they are tried after the weighted rules::
 
     quantize(dequantize(q))                   -> q (same qparams), else LookupTable(q)
-    quantize(f_n(...f_1(dequantize(q))))      -> LookupTable(q)   (UNARY_OPS; a clamp, or nothing, when it is one)
+    quantize(f_n(...f_1(dequantize(q))))      -> LookupTable(q)   (UNARY_OPS; a clamp, or nothing, when it is one;
+                                                                 other arguments: Python scalars or 0-d constants)
     quantize(cat([dequantize(q_i)], d))       -> cat([q_i requantized], d)
     quantize(avg_pool(dequantize(q)))         -> Requantize(avg_pool(q.float()))   (AFFINE_OPS)
     quantize(relu?(add|mul(dequantize(a), dequantize(b)))) -> QuantizedBinary(a, b)
@@ -23,6 +24,7 @@ from ..kernels.uint8 import RANGES
 from .lower_build import Lowering, Rule
 from .lower_match import Pat, attr_value, kind_of
 from .lower_ops import AFFINE_OPS, UNARY_OPS, node_arg
+from .lower_rules_norm import scalar_constant
 
 __all__ = ["ELEMENTWISE_RULES", "lookup_table", "UNARY_CHAIN"]
 
@@ -32,9 +34,12 @@ Q = fnn.quantized
 _BINARY = frozenset({"add", "mul"})
 
 
-def _one_node_arg(node: fx.Node) -> Optional[fx.Node]:
+def _one_node_arg(node: fx.Node, low: Optional[Lowering] = None) -> Optional[fx.Node]:
+    """The one node argument of ``node`` (with ``low``: not counting get_attr reads of 0-d float constants)."""
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))  # type: ignore[arg-type,func-returns-value]
+    if low is not None:
+        found = [n for n in found if scalar_constant(low, n) is None]
     return found[0] if len(found) == 1 else None
 
 
@@ -45,7 +50,7 @@ def _chain(node: fx.Node, low: Lowering) -> Optional[tuple[list[fx.Node], fx.Nod
         if kind_of(node, low.modules) not in UNARY_OPS or len(node.users) != 1:
             return None
         mod = low.module(node)
-        arg = _one_node_arg(node)
+        arg = _one_node_arg(node, low)
         if arg is None or (mod is not None and mod.training):
             return None
         chain.append(node)
@@ -53,8 +58,10 @@ def _chain(node: fx.Node, low: Lowering) -> Optional[tuple[list[fx.Node], fx.Nod
     return chain[::-1], node
 
 
-def _evaluate(node: fx.Node, x: torch.Tensor, low: Lowering) -> torch.Tensor:
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: x)  # type: ignore[misc]
+def _evaluate(node: fx.Node, x: torch.Tensor, low: Lowering, src: fx.Node) -> torch.Tensor:
+    """``node`` run with ``x`` for its input ``src`` (its other node arguments are constants: read them)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs),  # type: ignore[misc]
+                                   lambda n: x if n is src else attr_value(low.gm, n))
     if node.op == "call_module":
         return low.modules[str(node.target)](*args, **kwargs)  # type: ignore[no-any-return]
     if node.op == "call_method":
@@ -69,10 +76,20 @@ def lookup_table(low: Lowering, dq: fx.Node, chain: list[fx.Node], q: fx.Node) -
     dq_args = [attr_value(low.gm, a) if isinstance(a, fx.Node) else a for a in dq.args[1:]]
     x = dq.target(values, *dq_args)
     with torch.no_grad():
+        src = dq
         for node in chain:
-            x = _evaluate(node, x, low)
+            x, src = _evaluate(node, x, low, src), node
     q_args = [attr_value(low.gm, a) if isinstance(a, fx.Node) else a for a in q.args[1:]]
     return q.target(x.to(torch.float32), *q_args)
+
+
+def _table_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
+    """The quantize and the chain's ops (so the report lists them), or only the quantize when there is no chain
+    (the op keeps the reason an earlier rule gave)."""
+    if not isinstance(node.args[0], fx.Node):
+        return None
+    found = _chain(node.args[0], low)
+    return {"out": node, **({f"op{i}": n for i, n in enumerate(found[0])} if found else {})}
 
 
 def _table_when(low: Lowering, m: dict[str, fx.Node]) -> str:
@@ -196,5 +213,5 @@ ELEMENTWISE_RULES: tuple[Rule, ...] = (
     Rule("binary", _Q, _pat(_BIN), _binary_replace, _binary_when),
     Rule("cat", _Q, _cat_match, _cat_replace),
     Rule("affine_float", _Q, _affine_match, _affine_replace),
-    Rule("lookup_table", _Q, Pat("q", (Pat("*"),), name="out"), _table_replace, _table_when),
+    Rule("lookup_table", _Q, _table_match, _table_replace, _table_when),
 )

@@ -7,6 +7,8 @@
   recurrence).
 * Element-wise modules between them: ``Quantize``, ``DeQuantize``, ``LookupTable``, ``Requantize``,
   ``QuantizedBinary``, ``FakeQuantizeDynamic``.
+* Normalizations and products of activations: ``QuantizedNorm`` (LayerNorm / GroupNorm / InstanceNorm),
+  ``QuantizedSoftmax``, ``QuantizedMatmul`` (matmul / bmm, optionally + softmax).
 """
 from fxquant.nn.quantized import reference
 from fxquant.nn.quantized.conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
@@ -14,8 +16,11 @@ from fxquant.nn.quantized.elementwise import (DeQuantize, FakeQuantizeDynamic, L
                                               Requantize)
 from fxquant.nn.quantized.embedding import Embedding, EmbeddingBag
 from fxquant.nn.quantized.linear import Linear, LinearDynamic, LinearWeightOnly
+from fxquant.nn.quantized.matmul import QuantizedMatmul
+from fxquant.nn.quantized.normalization import QuantizedNorm, QuantizedSoftmax
 from fxquant.nn.quantized.rnn import GRU, LSTM
 
 __all__ = ["reference", "Linear", "LinearDynamic", "LinearWeightOnly", "Conv1d", "Conv2d", "Conv3d",
            "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Embedding", "EmbeddingBag", "LSTM", "GRU",
-           "Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic"]
+           "Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic",
+           "QuantizedNorm", "QuantizedSoftmax", "QuantizedMatmul"]
