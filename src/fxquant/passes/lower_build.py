@@ -10,9 +10,10 @@ from torch import fx, nn
 
 from .lower_match import OBSERVED_RANGE, QParams, qparams_of
 
-__all__ = ["Lowering", "LoweredNode", "Rule", "lowering_report", "lowering_records", "REPORT_ATTR"]
+__all__ = ["Lowering", "LoweredNode", "Rule", "lowering_report", "lowering_records", "REPORT_ATTR", "STANDS_FOR"]
 
 REPORT_ATTR = "_fxquant_lowering"  # attribute of the lowered GraphModule: list[LoweredNode]
+STANDS_FOR = "fxquant_stands_for"  # node.meta of a node a rule made: names of the float ops it runs, in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +129,18 @@ class Lowering:
         if not kernel and new not in self.created:  # an existing value takes over: nothing runs
             kernel = "none (the input passes through)"
         kernel = kernel or (type(self.module(new)).__name__ if new.op == "call_module" else _op_name(new, {}))
+        names: list[str] = []
         for op in ops:
             if op not in self.created:
                 self.records[op.name] = LoweredNode(op.name, self._op_name(op), rule, kernel)
+                names.append(op.name)
+            else:  # folding what an earlier rule made (a table into a conv): its float ops now run in ``new``
+                for name in op.meta.get(STANDS_FOR, ()):
+                    self.records[name] = dataclasses.replace(self.records[name], rule=rule, kernel=kernel)
+                    names.append(name)
+        if new in self.created or new.op == "call_module":  # (read by tools.compare to find the float values)
+            known = new.meta.setdefault(STANDS_FOR, [])
+            known.extend(n for n in names if n not in known)
         self.erase_dead(old)
         return new
 

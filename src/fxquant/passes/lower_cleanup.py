@@ -95,8 +95,10 @@ def _compose_tables(low: Lowering) -> None:
         if second is None or first is None or len(first_node.users) != 1:
             continue
         combined = uint8.lookup(first.table, second.table)
+        out = getattr(second, "output_scale", None), getattr(second, "output_zero_point", None)
+        qparams = None if out[0] is None or out[1] is None else (float(out[0]), int(out[1]))
         with low.graph.inserting_before(node):
-            new = low.call_module(node, str(node.target), Q.LookupTable(combined), (first_node.args[0],))
+            new = low.call_module(node, str(node.target), Q.LookupTable(combined, qparams), (first_node.args[0],))
         node.replace_all_uses_with(new)
         low.graph.erase_node(node)
         low.graph.erase_node(first_node)

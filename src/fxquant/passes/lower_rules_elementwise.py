@@ -21,8 +21,8 @@ from torch import fx, nn
 
 from .. import nn as fnn
 from ..kernels.uint8 import RANGES
-from .lower_build import Lowering, Rule
-from .lower_match import Pat, attr_value, kind_of
+from .lower_build import STANDS_FOR, Lowering, Rule
+from .lower_match import Pat, QParams, attr_value, kind_of
 from .lower_ops import AFFINE_OPS, UNARY_OPS, node_arg
 from .lower_rules_norm import scalar_constant
 
@@ -118,8 +118,10 @@ def _table_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
         return x  # type: ignore[return-value]
     if bounds is not None:
         return low.call(q, "call_function", torch.clamp, (x, *bounds))
-    node = low.call_module(q, f"{(chain[-1] if chain else q).name}_table", Q.LookupTable(table), (x,))
-    node.meta[UNARY_CHAIN] = (tuple(kind_of(n, low.modules) for n in chain), low.qparams(q))  # for lower_rules_fold
+    out = low.qparams(q)
+    node = low.call_module(q, f"{(chain[-1] if chain else q).name}_table",
+                           Q.LookupTable(table, _scalar_qparams(out)), (x,))
+    node.meta[UNARY_CHAIN] = (tuple(kind_of(n, low.modules) for n in chain), out)  # for lower_rules_fold
     return node
 
 
@@ -128,7 +130,14 @@ def _requantized(low: Lowering, dq: fx.Node, q: fx.Node) -> fx.Node:
     if low.qparams(dq).same_values(low.qparams(q)):
         return dq.args[0]  # type: ignore[return-value]
     table = lookup_table(low, dq, [], q)
-    return low.call_module(q, f"{dq.name}_requant", Q.LookupTable(table), (dq.args[0],))
+    node = low.call_module(q, f"{dq.name}_requant", Q.LookupTable(table, _scalar_qparams(low.qparams(q))),
+                           (dq.args[0],))
+    node.meta[STANDS_FOR] = []  # the same value in other qparams: no float op of its own
+    return node
+
+
+def _scalar_qparams(qp: QParams) -> tuple[float, int]:
+    return qp.scale, qp.zero_point
 
 
 def _cat_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:

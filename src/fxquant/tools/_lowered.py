@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..ops import quantize_per_tensor
-from ..passes.lower_build import lowering_records
+from ..passes.lower_build import STANDS_FOR, lowering_records
 from ..passes.lower_rules_ops import FLOAT_NAME
 from . import _capture
 
@@ -129,7 +129,7 @@ class LoweredView:
 
     # ------------------------------------------------------------------------------------------ matching
     def _candidates(self, node: fx.Node) -> list[str]:
-        names = [node.name, re.sub(r"_\d+$", "", node.name)]
+        names = list(node.meta.get(STANDS_FOR, ())) + [node.name, re.sub(r"_\d+$", "", node.name)]
         if node.op == "call_module":  # a lowered module is named after the float op it replaces: that name first
             names.insert(0, str(node.target).replace(".", "_"))
         return list(dict.fromkeys(n for n in names if n in self.f_nodes))
@@ -188,6 +188,8 @@ class LoweredView:
         if arg.op == "call_module" and len(inputs) == 1 and _is_int(self.q_env.get(arg.name)) and \
                 not _is_int(self.q_env.get(inputs[0].name)):
             return self._float_source(inputs[0], f_env)  # a Quantize module after a float value
+        if arg.meta.get(STANDS_FOR, None) == [] and len(inputs) == 1 and _is_int(self.q_env.get(inputs[0].name)):
+            return self._float_source(inputs[0], f_env)  # a requantization: its input's value in other qparams
         src = _capture.source_of(arg)
         if src.name in f_env and src.op != "get_attr":
             return src
@@ -252,15 +254,34 @@ class LoweredView:
         A kernel that takes integers gets the float values quantized as its producers quantize them; the float
         side then sees the same (dequantized) values, so only this layer's own error is measured."""
         with torch.no_grad():
-            inputs, overrides = {}, {}
-            for a in node.all_input_nodes:
-                value, sub = self._input(a, f_env)
-                inputs[a.name] = _capture.snapshot(value)
-                if sub is not None:
-                    overrides[sub[0]] = sub[1]
+            inputs: dict[str, Any] = {}
+            overrides: dict[str, Any] = {}
+            self._shadow_inputs(node, f_env, inputs, overrides, 0)
             out = _capture.run_node(self.q_gm, node, lambda a: inputs[a.name])
             end = self.output_end(node)
             if end is not node:
                 out = _capture.run_node(self.q_gm, end, lambda a: out if a is node else self.q_env[a.name])
             reference = self._float_chain(first, last, f_env, overrides) if overrides else f_env[last.name]
         return self.as_float(end, out), reference
+
+    def _helper_op(self, node: fx.Node) -> bool:
+        """A float op the lowering made from integers (the float cast / mean before a Requantize) with no float twin:
+        the shadow run recomputes it rather than taking the quantized model's value."""
+        return node.op in ("call_function", "call_method") and not _is_int(self.q_env.get(node.name)) and \
+            node.name not in self.f_nodes and FLOAT_NAME not in node.meta and \
+            any(_is_int(self.q_env.get(a.name)) for a in node.all_input_nodes) and self.match(node) is None
+
+    def _shadow_inputs(self, node: fx.Node, f_env: dict[str, Any], inputs: dict[str, Any],
+                       overrides: dict[str, Any], depth: int) -> None:
+        """The values ``node`` gets in a shadow run (into ``inputs``), and the float values they stand for."""
+        for a in node.all_input_nodes:
+            if a.name in inputs:
+                continue
+            if depth < 4 and self._helper_op(a):
+                self._shadow_inputs(a, f_env, inputs, overrides, depth + 1)
+                inputs[a.name] = _capture.snapshot(_capture.run_node(self.q_gm, a, lambda b: inputs[b.name]))
+                continue
+            value, sub = self._input(a, f_env)
+            inputs[a.name] = _capture.snapshot(value)
+            if sub is not None:
+                overrides[sub[0]] = sub[1]

@@ -144,11 +144,16 @@ class DeQuantize(_ScalarModule):
 class LookupTable(nn.Module):
     """``table[q]``: one quantized value in, one out; ``table`` has 256 entries (int8 input: index ``q + 128``)."""
 
-    def __init__(self, table: torch.Tensor) -> None:
+    def __init__(self, table: torch.Tensor, output_qparams: tuple[float, int] | None = None) -> None:
+        """``output_qparams``: the ``(scale, zero_point)`` the table's values are in, when known (kept as
+        non-persistent buffers, for tools that read the output as float; the state dict holds only the table)."""
         super().__init__()
         if table.shape != (256,):
             raise ValueError(f"LookupTable: the table needs 256 entries, got shape {tuple(table.shape)}")
         self.register_buffer("table", table.detach().clone())
+        if output_qparams is not None:
+            self.register_buffer("output_scale", torch.tensor(float(output_qparams[0])), persistent=False)
+            self.register_buffer("output_zero_point", torch.tensor(int(output_qparams[1])), persistent=False)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return k.lookup(q, self.table)
