@@ -37,6 +37,7 @@ from ..pipeline import Context, register_pass
 from .lower_build import REPORT_ATTR, LoweredNode, Lowering, Rule, lowering_records
 from .lower_match import Pat, kind_of, match
 from .lower_rules import WEIGHTED_RULES, CannotLower
+from .lower_rules_batchnorm import BATCHNORM_RULES
 from .lower_rules_elementwise import ELEMENTWISE_RULES
 from .lower_rules_fold import FOLD_RULES
 from .lower_rules_norm import NORM_RULES
@@ -47,7 +48,7 @@ __all__ = ["lower", "verify_lowered", "RULE_SETS", "lower_graph_module"]
 # (rule set, visit order)
 RULE_SETS: tuple[tuple[tuple[Rule, ...], str], ...] = (
     (NORMALIZE_RULES, "forward"),
-    (WEIGHTED_RULES + NORM_RULES + ELEMENTWISE_RULES, "backward"),
+    (WEIGHTED_RULES + NORM_RULES + BATCHNORM_RULES + ELEMENTWISE_RULES, "backward"),
     (FOLD_RULES, "forward"),
 )
 _QDQ = frozenset({"q", "dq", "q_dynamic", "dq_dynamic", "dq_weight", "choose_qparams"})

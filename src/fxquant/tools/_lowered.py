@@ -264,12 +264,16 @@ class LoweredView:
             reference = self._float_chain(first, last, f_env, overrides) if overrides else f_env[last.name]
         return self.as_float(end, out), reference
 
-    def _helper_op(self, node: fx.Node) -> bool:
-        """A float op the lowering made from integers (the float cast / mean before a Requantize) with no float twin:
-        the shadow run recomputes it rather than taking the quantized model's value."""
-        return node.op in ("call_function", "call_method") and not _is_int(self.q_env.get(node.name)) and \
-            node.name not in self.f_nodes and FLOAT_NAME not in node.meta and \
-            any(_is_int(self.q_env.get(a.name)) for a in node.all_input_nodes) and self.match(node) is None
+    def _helper_op(self, node: fx.Node, depth: int = 0) -> bool:
+        """A float op the lowering made from integers (the float cast, mean or pooling before a Requantize) with no
+        float twin: the shadow run recomputes it rather than taking the quantized model's value."""
+        if node.op not in ("call_function", "call_method", "call_module") or _is_int(self.q_env.get(node.name)) or \
+                node.name in self.f_nodes or FLOAT_NAME in node.meta or depth > 4 or not node.all_input_nodes:
+            return False
+        if node.op == "call_module" and type(self.modules.get(str(node.target))).__name__ == "DeQuantize":
+            return False  # a float consumer's input: fed the exact float value instead (see _input)
+        return all(_is_int(self.q_env.get(a.name)) or self._helper_op(a, depth + 1) for a in node.all_input_nodes) \
+            and self.match(node) is None
 
     def _shadow_inputs(self, node: fx.Node, f_env: dict[str, Any], inputs: dict[str, Any],
                        overrides: dict[str, Any], depth: int) -> None:

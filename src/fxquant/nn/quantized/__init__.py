@@ -7,10 +7,11 @@
   recurrence).
 * Element-wise modules between them: ``Quantize``, ``DeQuantize``, ``LookupTable``, ``Requantize``,
   ``QuantizedBinary``, ``FakeQuantizeDynamic``.
-* Normalizations and products of activations: ``QuantizedNorm`` (LayerNorm / GroupNorm / InstanceNorm),
+* Normalizations and products of activations: ``QuantizedBatchNorm`` (eval BatchNorm (+ ReLU)), ``QuantizedNorm`` (LayerNorm / GroupNorm / InstanceNorm),
   ``QuantizedSoftmax``, ``QuantizedMatmul`` (matmul / bmm, optionally + softmax).
 """
 from fxquant.nn.quantized import reference
+from fxquant.nn.quantized.batchnorm import QuantizedBatchNorm
 from fxquant.nn.quantized.conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from fxquant.nn.quantized.elementwise import (DeQuantize, FakeQuantizeDynamic, LookupTable, Quantize, QuantizedBinary,
                                               Requantize)
@@ -23,4 +24,4 @@ from fxquant.nn.quantized.rnn import GRU, LSTM
 __all__ = ["reference", "Linear", "LinearDynamic", "LinearWeightOnly", "Conv1d", "Conv2d", "Conv3d",
            "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Embedding", "EmbeddingBag", "LSTM", "GRU",
            "Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic",
-           "QuantizedNorm", "QuantizedSoftmax", "QuantizedMatmul"]
+           "QuantizedNorm", "QuantizedSoftmax", "QuantizedMatmul", "QuantizedBatchNorm"]
