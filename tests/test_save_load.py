@@ -349,3 +349,31 @@ def test_wrapped_user_function_needs_registration(tmp_path):
         _assert_same_outputs(prepared, loaded, (x,))
     finally:
         unregister_safe(scaled_clamp)
+
+
+class _Annotated(torch.nn.Module):
+    """Annotated forward in a file with ``from __future__ import annotations`` (this one): the annotations are
+    strings, which torch.fx keeps and then cannot pickle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, scale: "float" = 1.0) -> torch.Tensor:
+        return torch.relu(self.fc(x)) * scale
+
+
+def test_models_with_string_annotations_pickle_at_every_stage():
+    assert isinstance(_Annotated.forward.__annotations__["x"], str)
+    example = (torch.randn(2, 4),)
+    prepared = fxquant.prepare_fx(_Annotated().eval(), fxquant.get_default_qconfig_mapping("x86"), example)
+    prepared(*example)
+    placeholder = next(n for n in prepared.graph.nodes if n.op == "placeholder")
+    assert placeholder.type is torch.Tensor  # resolved, not dropped
+    for model in (prepared, fxquant.convert_to_reference_fx(copy.deepcopy(prepared)), fxquant.convert_fx(prepared)):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        with torch.no_grad():
+            assert torch.equal(loaded(*example), model(*example))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import traceback
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -167,9 +168,26 @@ def symbolic_trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
             raise _explain_failure(exc, tracer, model) from exc
         gm, tracer = _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc)
     _fold_parameter_metadata(gm)
+    _resolve_string_annotations(gm, model)
     for node in gm.graph.nodes:
         node.meta["fxquant_scope"] = tracer.node_name_to_scope.get(node.name, ("", type(model)))
     return gm
+
+
+def _resolve_string_annotations(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Input / output annotations that are strings (a model file with ``from __future__ import annotations``)
+    become the types they name, or are dropped: torch.fx keeps them as strings, and a GraphModule holding one
+    cannot be pickled (``torch.save(model)`` fails with "'str' object has no attribute '__name__'")."""
+    annotated = [n for n in gm.graph.nodes if n.op in ("placeholder", "output") and isinstance(n.type, str)]
+    if not annotated:
+        return
+    try:
+        hints = typing.get_type_hints(type(model).forward)
+    except Exception:  # noqa: BLE001 - names that do not resolve: the annotation is only dropped
+        hints = {}
+    for node in annotated:
+        resolved = hints.get("return" if node.op == "output" else str(node.target).lstrip("*"))
+        node.type = resolved if isinstance(resolved, type) else None
 
 
 _PARAM_METADATA_ATTRS = frozenset({"shape", "dtype", "ndim", "device"})
