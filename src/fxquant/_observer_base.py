@@ -254,5 +254,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.max_val.copy_(hi)
             return
         c = self.averaging_constant
-        self.min_val.copy_(self.min_val + c * (lo - self.min_val))
-        self.max_val.copy_(self.max_val + c * (hi - self.max_val))
+        new_min, new_max = self.min_val + c * (lo - self.min_val), self.max_val + c * (hi - self.max_val)
+        # averages of lo <= hi stay ordered up to float rounding (one ulp over on constant data, where torch.ao's
+        # calculate_qparams then fails an assertion): keep min <= max
+        self.min_val.copy_(torch.minimum(new_min, new_max))
+        self.max_val.copy_(new_max)

@@ -116,7 +116,8 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
 
     def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.averaging_constant
-        return _average(self.min_val, lo, c), _average(self.max_val, hi, c)
+        new_min, new_max = _average(self.min_val, lo, c), _average(self.max_val, hi, c)
+        return torch.minimum(new_min, new_max), new_max  # (ordered up to rounding: see the per-tensor observer)
 
 
 def _average(old: torch.Tensor, new: torch.Tensor, c: float) -> torch.Tensor:
