@@ -3,6 +3,7 @@
     /work/tvenv/bin/python bench/try_real_models.py                    # every model (a few minutes on 2 cores)
     /work/tvenv/bin/python bench/try_real_models.py --only resnet18 bert
     /work/tvenv/bin/python bench/try_real_models.py --skip-hf --size 64 -v   # -v: full tracebacks of failures
+    /work/tvenv/bin/python bench/try_real_models.py --size 224 --latency 15   # + batch-1 latency vs fp32 / torch.ao
 
 Runs in a throwaway environment with torchvision / transformers installed (never used by the tests or CI). For each
 model: prepare_fx (x86 default mapping) -> calibrate on 2 batches -> convert_to_reference_fx -> convert_fx, then prints
@@ -158,6 +159,7 @@ class Row:
     sqnr_lowered: Optional[float] = None
     sqnr_torchao: Optional[float] = None
     times: dict[str, float] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)  # --latency: ms per call, "fp32" / "fxquant" / "torchao"
     error: str = ""
     trace: str = ""
 
@@ -213,7 +215,8 @@ def warm_batch_norm(model: nn.Module, inputs: Callable[[int], tuple], batches: i
     model.eval()
 
 
-def run_one(name: str, model: nn.Module, inputs: Callable[[int], tuple], verbose: bool) -> Row:
+def run_one(name: str, model: nn.Module, inputs: Callable[[int], tuple], verbose: bool,
+            latency: int = 0) -> Row:
     """prepare -> calibrate (2 batches) -> reference -> convert; the first failing stage ends the row."""
     row = Row(name)
     model.eval()
@@ -241,6 +244,10 @@ def run_one(name: str, model: nn.Module, inputs: Callable[[int], tuple], verbose
         with torch.no_grad():
             row.sqnr_lowered = sqnr(expected, lowered(*example))
         row.sqnr_torchao = torchao_reference_sqnr(model, inputs, expected)
+        if latency:
+            stage = "latency"
+            row.latency = measure_latency({"fp32": model, "fxquant": lowered, "torchao": torchao_converted(model, inputs)},
+                                          example, latency)
     except Exception as exc:  # noqa: BLE001 — a table of failures is the point
         row.status, row.error = f"FAIL {stage}", _short(exc)
         row.trace = traceback.format_exc() if verbose else ""
@@ -262,6 +269,32 @@ def torchao_reference_sqnr(model: nn.Module, inputs: Callable[[int], tuple], exp
             return sqnr(expected, reference(*inputs(0)))
     except Exception:  # noqa: BLE001 — torch.ao's own failures are not ours to report
         return None
+
+
+def torchao_converted(model: nn.Module, inputs: Callable[[int], tuple]) -> Optional[nn.Module]:
+    """torch.ao's ``convert_fx`` (x86) of the same recipe, for the latency columns; None without torch.ao."""
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), inputs(0))
+        return convert_fx(_calibrate(prepared, inputs))  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def measure_latency(models: dict[str, Optional[nn.Module]], example: tuple, rounds: int) -> dict[str, float]:
+    """Median milliseconds per call of each model on ``example``, rounds interleaved (one thread, no grad)."""
+    live = {k: m for k, m in models.items() if m is not None}
+    samples: dict[str, list[float]] = {k: [] for k in live}
+    with torch.no_grad():
+        for m in live.values():
+            m(*example)
+        for _ in range(rounds):
+            for k, m in live.items():
+                start = time.perf_counter()
+                m(*example)
+                samples[k].append(time.perf_counter() - start)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
 def _prepare(model: nn.Module, example: tuple, row: Row) -> nn.Module:
@@ -318,6 +351,14 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         t = [f"{r.times[s]:.2f}" if s in r.times else "-" for s in ("prepare", "calibrate", "reference", "convert")]
         print(f"| {r.name} | {r.status} | {_fmt(r.sqnr_ref)} | {_fmt(r.sqnr_lowered)} | {_fmt(r.sqnr_torchao)} | {' | '.join(t)} |")
+    timed = [r for r in rows if r.latency]
+    if timed:
+        print("\n| model | fp32 ms | fxquant ms | torch.ao ms | fp32 / fxquant | torch.ao / fxquant |")
+        print("|---|---|---|---|---|---|")
+        for r in timed:
+            f, q, a = (r.latency.get(k) for k in ("fp32", "fxquant", "torchao"))
+            ratio = f"{a / q:.2f}" if a and q else "-"
+            print(f"| {r.name} | {f:.2f} | {q:.2f} | {_fmt(a)} | {f / q:.2f} | {ratio} |")
     failed = [r for r in rows if r.error]
     if failed:
         print("\nFailures:")
@@ -334,6 +375,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--skip-tv", action="store_true")
     parser.add_argument("--size", type=int, default=96, help="image side (models with a minimum use theirs)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    parser.add_argument("--latency", type=int, default=0, metavar="ROUNDS",
+                        help="also time fp32 / fxquant / torch.ao convert_fx at batch 1 (median of ROUNDS calls)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -350,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         signal.alarm(args.timeout)
         try:
-            rows.append(run_one(name, model, inputs, args.verbose))
+            rows.append(run_one(name, model, inputs, args.verbose, args.latency))
             if is_hf and rows[-1].error:
                 rows.append(_run_hf_alternative(name, model, inputs, args.verbose))
         except _Timeout as exc:
