@@ -166,3 +166,21 @@ def test_pointwise_conv_on_a_1x1_image_runs_as_a_matrix_product_with_the_same_re
     assert (out - ref).abs().max().item() <= step * 1.001
     again = lowered(x[:, :, :1, :1].contiguous())  # a 1x1 input image: the pooled tensor is 1x1 too
     assert again.shape == (2, 16, 1, 1)
+
+
+@pytest.mark.parametrize("dtype,lo,hi", [(torch.uint8, 0, 255), (torch.uint8, 3, 200), (torch.int8, -128, 127),
+                                         (torch.int8, -100, 90)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_finish_rounds_half_to_even_clamps_and_keeps_layout(dtype, lo, hi, layout):
+    """finish's float trick (+1.5 * 2**23, int32 bits, cast) equals round -> clamp -> cast, ties and negatives
+    included."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 8, 5, 7, generator=gen) * 700 - 350
+    flat = y.view(-1)
+    flat[:12] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -127.5, -128.5, 254.5, 255.5])
+    flat[12:15] = torch.tensor([float("inf"), float("-inf"), 1e30])
+    y = y.contiguous(memory_format=layout)
+    expected = torch.round(y).clamp(lo, hi).to(dtype)
+    got = uint8.finish(y.clone(memory_format=torch.preserve_format), lo, hi, dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    assert got.is_contiguous(memory_format=layout)

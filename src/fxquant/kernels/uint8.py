@@ -14,11 +14,9 @@ kernel                 computes                                                 
 ``binary``             ``quantize(dequantize(a) (+|*) dequantize(b))`` (+ relu)                         4-6
 =====================  ==============================================================================  =========
 
-Rounding: results computed from integers (requantization, binary ops), where exact ties are common, round half
-to even like the reference (``torch.round``). Quantizing float data into uint8 saves an op with
-``floor(v + 0.5)`` after clamping (the cast truncates): half up, which differs from the reference only on exact
-ties of float data (rare); the float arithmetic is the reference's up to float32 rounding. Either way a result
-stays within the one quantization step the lowering contract allows.
+Rounding: half to even everywhere, like the reference (``torch.round``), by :func:`finish`'s float trick (adding
+1.5 * 2**23 rounds in the FPU); the float arithmetic is the reference's up to float32 rounding, so a result stays
+within the one quantization step the lowering contract allows.
 """
 from __future__ import annotations
 
@@ -39,24 +37,31 @@ def offset(value: float) -> Offset:
     return torch.tensor(value, dtype=torch.float32)
 
 
+# 1.5 * 2**23: adding it to a float32 in [-2**22, 2**22] leaves the exponent fixed, so the addition rounds to an
+# integer (half to even, the FPU's rounding) stored in the low mantissa bits: the float's int32 bits end in it
+_MAGIC = 12582912.0
+
+
 def finish(y: torch.Tensor, quant_min: int, quant_max: int, dtype: torch.dtype, exact: bool = True) -> torch.Tensor:
-    """Round, clamp and store ``y``. ``exact``: round half to even; else ``y`` already holds ``v + 0.5`` (see
-    :func:`rounding_bias`) and the uint8 cast's truncation rounds it, one op fewer."""
-    if exact or dtype != torch.uint8:
+    """Round half to even, clamp and store float32 ``y`` as ``dtype`` (``y`` is overwritten).
+
+    As ``clamp -> + 1.5 * 2**23 -> view as int32 -> cast``: the low byte of the float's bits is the rounded value,
+    and torch casts int32 to uint8 / int8 with vectorized code where float32 -> uint8 is element by element
+    (59 vs 72 us at 1x160x14x14, 83 vs 167 us at 1x32x56x56, 0.32 vs 1.0 ms at 1x256x56x56). ``exact`` is kept for
+    callers; rounding is always half to even now (:func:`rounding_bias` is 0)."""
+    if dtype not in RANGES or y.dtype != torch.float32:
         return y.round_().clamp_(quant_min, quant_max).to(dtype)
-    return y.clamp_(quant_min, quant_max).to(dtype)  # truncation of v + 0.5 >= 0 rounds v (half up)
+    return y.clamp_(quant_min, quant_max).add_(_MAGIC).view(torch.int32).to(dtype)
 
 
 def rounding_bias(dtype: torch.dtype, exact: bool = True) -> float:
-    """What to add before :func:`finish`: 0.5 when it rounds by truncation (uint8, not exact), else 0."""
-    return 0.5 if dtype == torch.uint8 and not exact else 0.0
+    """What to add before :func:`finish` (0: it rounds by itself, half to even)."""
+    return 0.0
 
 
 def quantize(x: torch.Tensor, inv_scale: float, bias: Offset, quant_min: int, quant_max: int,
              dtype: torch.dtype) -> torch.Tensor:
-    """``clamp(rint(x * inv_scale + zero_point))`` as ``dtype``; ``bias = zero_point + rounding_bias(dtype, False)``.
-
-    Rounds half up (``exact=False``): on float data exact ties are rare, unlike on sums of integers."""
+    """``clamp(rint(x * inv_scale + zero_point))`` as ``dtype``; ``bias = zero_point`` (``+ rounding_bias``: 0)."""
     return finish(torch.add(bias, x, alpha=inv_scale), quant_min, quant_max, dtype, exact=False)
 
 
