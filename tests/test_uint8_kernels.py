@@ -184,3 +184,23 @@ def test_finish_rounds_half_to_even_clamps_and_keeps_layout(dtype, lo, hi, layou
     got = uint8.finish(y.clone(memory_format=torch.preserve_format), lo, hi, dtype)
     assert got.dtype == dtype and torch.equal(got, expected)
     assert got.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("qrange,zp", [((0, 255), 131), ((-128, 127), -3), ((0, 127), 0)])
+def test_dynamic_fake_quantize_matches_the_reference_ops(qrange, zp):
+    """kernels.dynamic.fake_quantize on a large tensor (five vectorized ops, +1.5*2^23 rounding) equals the
+    reference graph's quantize -> dequantize bit for bit, exact ties and clamping included; small tensors take
+    aten's fused op (which rounds x / scale before adding the zero point: ties may differ by one step)."""
+    from fxquant.kernels import dynamic
+    scale = 0.03125  # a power of two: x / scale is exact, so the values below are exact ties
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 3
+    x[:6] = torch.tensor([0.5, 1.5, -2.5, 2.5, 100.0, -100.0]) * scale
+    dtype = torch.uint8 if qrange[0] >= 0 else torch.int8
+    q = fxquant.ops.quantize_per_tensor(x, scale, zp, qrange[0], qrange[1], dtype)
+    expected = fxquant.ops.dequantize_per_tensor(q, scale, zp, qrange[0], qrange[1], dtype)
+    assert x.numel() > dynamic.FUSED_MAX_NUMEL
+    assert torch.equal(dynamic.fake_quantize(x, scale, zp, *qrange), expected)
+    assert torch.equal(dynamic.quantize_to_float(x, scale, zp, *qrange), q.float())
+    small = x[:100]
+    assert torch.equal(dynamic.fake_quantize(small, scale, zp, *qrange),
+                       torch.fake_quantize_per_tensor_affine(small, scale, zp, *qrange))
