@@ -620,3 +620,38 @@ def test_sizes_given_to_torch_factories_and_setitem_are_traced_on_inputs() -> No
     with torch.no_grad():
         for x in (_tokens()(3)[0], torch.randn(3, 9, 16)):  # no size was fixed: other shapes run too
             assert _sqnr(model(x), reference(x)) > 20.0 and _sqnr(model(x), lowered(x)) > 20.0
+
+
+# torchvision's stochastic depth, as torchvision declares it (a torch.fx-wrapped function of torchvision.ops), written
+# out here: in eval mode it returns its input
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    if not training or p == 0.0:
+        return input
+    keep = torch.empty([input.shape[0]] + [1] * (input.dim() - 1)).bernoulli_(1.0 - p)
+    return input * keep / (1.0 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+class ResidualWithDropPath(nn.Module):  # swin / convnext / efficientnet blocks: x + drop_path(f(x)), F.dropout
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + stochastic_depth(self.fc1(x), 0.1, "row", self.training)
+        return F.dropout(self.fc2(y), 0.2, self.training)
+
+
+def test_eval_mode_stochastic_depth_and_functional_dropout_vanish():
+    reference, lowered = _quantize_all(ResidualWithDropPath(), _tokens())
+    rows = {r.node: r for r in fxquant.lowering_report(lowered)}
+    assert rows["stochastic_depth"].rule == rows["dropout"].rule == "drop_identity", rows
+    called = {n.target for n in lowered.graph.nodes if n.op == "call_function"}
+    assert stochastic_depth not in called and F.dropout not in called
+    x = _tokens()(5)
+    with torch.no_grad():
+        scale = [float(m.scale) for m in lowered.modules() if type(m).__name__ == "DeQuantize"][-1]
+        assert float(((reference(*x) - lowered(*x)).abs() / scale).max()) <= 1.0 + 1e-3

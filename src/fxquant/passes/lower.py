@@ -87,7 +87,7 @@ def _apply(low: Lowering, rules: tuple[Rule, ...], order: str, reasons: dict[str
     for node in (reversed(nodes) if order == "backward" else nodes):
         if node._erased or node.op in ("placeholder", "output", "get_attr") or not node.users:
             continue
-        for rule in table.get(kind_of(node, low.modules), ()):
+        for rule in (*table.get(kind_of(node, low.modules), ()), *table.get("*", ())):  # "*": any node
             if _try(rule, node, low, reasons) is not None:
                 break
 

@@ -179,7 +179,8 @@ class Rule:
 
     ``pattern`` is a :class:`~fxquant.passes.lower_match.Pat` rooted at the anchor node (bound as ``"out"``), or
     a function ``(node, lowering) -> Match | None`` for shapes a tree cannot say (lists, chains); ``root`` names
-    the anchor kinds the rule is tried on. ``when(lowering, match)`` returns why the rule does not apply ("" when
+    the anchor kinds the rule is tried on (``"*"``: every node, after the rules for its own kind).
+    ``when(lowering, match)`` returns why the rule does not apply ("" when
     it does); ``replace(lowering, match)`` builds the new node that takes over the anchor's users.
     """
 

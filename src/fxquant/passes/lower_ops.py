@@ -11,7 +11,8 @@
   qparams (:class:`fxquant.nn.quantized.Requantize`).
 * :data:`UNARY_OPS` are element-wise functions of one value: any chain of them between a dequantize and a
   quantize is one 256-entry table (:class:`fxquant.nn.quantized.LookupTable`), computed with the reference ops.
-* :data:`IDENTITY_OPS` vanish in eval mode (dropout, identity).
+* :data:`IDENTITY_OPS` vanish in eval mode (dropout, identity; :data:`IDENTITY_FUNCTIONS_BY_NAME` for other
+  libraries' functions, e.g. torchvision's stochastic depth).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch import fx, nn
 from ..kernels import uint8
 
 __all__ = ["INTEGER_OPS", "SHAPE_QUERIES", "AFFINE_OPS", "UNARY_OPS", "IDENTITY_OPS", "RENAMED_METHODS",
-           "INTEGER_KERNELS", "node_arg"]
+           "INTEGER_KERNELS", "node_arg", "IDENTITY_FUNCTIONS_BY_NAME", "qualified_name"]
 
 Check = Callable[[fx.Node, Any], bool]  # (node, module or None) -> qualifies
 
@@ -123,5 +124,25 @@ UNARY_OPS = frozenset({
     "neg", torch.neg, "abs", torch.abs, "exp", torch.exp, "square", "add", "mul", operator.sub, "sub",
     operator.truediv, "div", torch.div,
 })
+def _not_training(index: int, default: bool) -> Check:
+    """A functional dropout whose ``training`` argument (position ``index``) is a constant False."""
+    return lambda node, mod: node_arg(node, index, "training", default) is False
+
+
 IDENTITY_OPS: dict[Any, Check] = {nn.Identity: _always, nn.Dropout: _eval_mode, nn.Dropout1d: _eval_mode,
-                                  nn.Dropout2d: _eval_mode, nn.Dropout3d: _eval_mode, nn.AlphaDropout: _eval_mode}
+                                  nn.Dropout2d: _eval_mode, nn.Dropout3d: _eval_mode, nn.AlphaDropout: _eval_mode,
+                                  F.dropout: _not_training(2, True), F.dropout1d: _not_training(2, True),
+                                  F.dropout2d: _not_training(2, True), F.dropout3d: _not_training(2, True),
+                                  F.alpha_dropout: _not_training(2, False),
+                                  F.feature_alpha_dropout: _not_training(2, False)}
+# functions of libraries fxquant does not import, by qualified name: identities when their ``training`` is False
+# (torchvision's stochastic depth: traced as a call, as torchvision wraps it for torch.fx)
+IDENTITY_FUNCTIONS_BY_NAME: dict[str, Check] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": _not_training(3, True),
+}
+
+
+def qualified_name(target: Any) -> str:
+    """``module.qualname`` of a function node's target ("" for anything without them)."""
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else ""

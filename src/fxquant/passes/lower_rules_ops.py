@@ -20,7 +20,8 @@ from torch import fx, nn
 from ..nn.quantized import reference as ref
 from .lower_build import Lowering, Rule
 from .lower_match import Pat, attr_value, kind_of
-from .lower_ops import IDENTITY_OPS, INTEGER_KERNELS, INTEGER_OPS, RENAMED_METHODS, SHAPE_QUERIES
+from .lower_ops import (IDENTITY_FUNCTIONS_BY_NAME, IDENTITY_OPS, INTEGER_KERNELS, INTEGER_OPS, RENAMED_METHODS,
+                        SHAPE_QUERIES, qualified_name)
 
 __all__ = ["NORMALIZE_RULES", "FLOAT_NAME"]
 
@@ -56,6 +57,11 @@ def _identity_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     node = m["out"]
     check = IDENTITY_OPS[kind_of(node, low.modules)]
     return "" if node.args and check(node, _module_of(node, low)) else "not an identity in this mode"
+
+
+def _named_identity_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
+    check = IDENTITY_FUNCTIONS_BY_NAME.get(qualified_name(node.target)) if node.op == "call_function" else None
+    return {"out": node} if check is not None and node.args and check(node, None) else None
 
 
 def _sink_when(low: Lowering, m: dict[str, fx.Node]) -> str:
@@ -162,6 +168,7 @@ def _roots(keys: Any) -> frozenset:
 NORMALIZE_RULES: tuple[Rule, ...] = (
     Rule("drop_identity", _roots(IDENTITY_OPS), Pat("*", name="out"), lambda low, m: m["out"].args[0],
          _identity_when),
+    Rule("drop_identity", frozenset({"*"}), _named_identity_match, lambda low, m: m["out"].args[0]),
     Rule("functional_to_module", _roots(_FUNCTIONAL), Pat("*", name="out"), _functional_replace, _functional_when),
     Rule("integer_op", _roots(INTEGER_OPS), Pat("*", name="out"), _sink_replace, _sink_when),
     Rule("shape_query", _roots(SHAPE_QUERIES), Pat("*", (Pat("dq"),), name="out"), _query_replace),
