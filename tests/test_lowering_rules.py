@@ -165,24 +165,31 @@ def test_lookup_table_equals_the_reference_ops_bit_for_bit():
         assert torch.equal(ref(x), low(x))
 
 
-@pytest.mark.parametrize("padding,lowered", [(0, True), (1, False)])
-def test_average_pool_runs_on_integers_unless_padding_would_add_zero_points(padding, lowered):
+@pytest.mark.parametrize("padding,include,functional,divisor", [(0, True, False, None), (1, True, False, None),
+                                                                (1, False, False, None), (1, True, True, None),
+                                                                (1, True, False, 3)])
+def test_average_pool_runs_on_integers(padding, include, functional, divisor):
+    """Average pools of any padding run on the integers (padded with zeros that count: on ``q - zp``, inception's
+    F.avg_pool2d(x, 3, 1, 1)); a divisor_override (weights no longer summing to one) stays in reference form."""
     class Pool(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(4, 4, 1)
-            self.pool = nn.AvgPool2d(2, padding=padding)
+            self.pool = nn.AvgPool2d(3, 1, padding=padding, count_include_pad=include, divisor_override=divisor)
 
         def forward(self, x):
-            return self.pool(self.conv(x))
+            y = self.conv(x)
+            return F.avg_pool2d(y, 3, 1, padding) if functional else self.pool(y)
 
     x = _image()
     ref, low = _convert(Pool(), x)
-    rows = {r.node: r for r in lowering_report(low)}
-    assert rows["pool"].lowered is lowered
-    if not lowered:
-        assert rows["pool"].rule == "reference" and rows["pool"].reason
+    rows = {r.node: r for r in lowering_report(low) if "pool" in r.node}
+    assert len(rows) == 1
+    row = next(iter(rows.values()))
+    assert row.lowered is (divisor is None), row
     assert _steps(ref, low, x) <= 1.0
+    beyond = x * 3 + 1  # the zero point shift matters most where values are far from zero
+    assert _steps(ref, low, beyond) <= 1.0
 
 
 def test_float_ops_without_a_rule_stay_in_reference_form_and_are_reported():
@@ -264,3 +271,24 @@ def test_integer_kernels_round_like_the_reference():
         got = uint8.binary(op, a, b, consts, 0, 0, 255, torch.uint8)
         exact = fn((a.double() - qa[1]) * qa[0], (b.double() - qb[1]) * qb[0]) / qo[0] + qo[1]
         assert (got.double() - exact.round().clamp(0, 255)).abs().max() <= 1
+
+
+def test_shape_read_from_a_quantized_value_does_not_dequantize_it():
+    """``b, t, c = y.shape`` on a quantized value (transformers' attention code) reads the integer tensor's shape:
+    no dequantize is computed only for it."""
+    class Reshape(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.fc1(x)
+            b, t, c = y.shape
+            return self.fc2(y.view(b * t, c)).view(b, t, c)
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    ref, low = _convert(Reshape(), x)
+    rows = {r.node: r for r in lowering_report(low)}
+    assert any(r.rule == "shape_attribute" for r in rows.values()), rows
+    assert _counts(low).get("quantized.DeQuantize", 0) == 1  # the output's only
+    assert _steps(ref, low, x) <= 1.0

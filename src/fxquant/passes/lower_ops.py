@@ -27,7 +27,8 @@ from torch import fx, nn
 from ..kernels import uint8
 
 __all__ = ["INTEGER_OPS", "SHAPE_QUERIES", "AFFINE_OPS", "UNARY_OPS", "IDENTITY_OPS", "RENAMED_METHODS",
-           "INTEGER_KERNELS", "node_arg", "IDENTITY_FUNCTIONS_BY_NAME", "qualified_name"]
+           "INTEGER_KERNELS", "node_arg", "IDENTITY_FUNCTIONS_BY_NAME", "qualified_name",
+           "pads_zero_points"]
 
 Check = Callable[[fx.Node, Any], bool]  # (node, module or None) -> qualifies
 
@@ -61,12 +62,19 @@ def _not_nearest(node: fx.Node, mod: Any) -> bool:
     return not _nearest(node, mod)
 
 
-def _pool_no_padding(node: fx.Node, mod: Any) -> bool:
-    """Average pooling: padded zeros are not zero points, so only unpadded pools (or ones excluding padding)."""
+def pads_zero_points(node: fx.Node, mod: Any) -> bool:
+    """An average pool whose padding counts in the average: its padded zeros are real zeros, which on integer input
+    are zero points (the lowering pools ``q - zp`` there)."""
     padding = getattr(mod, "padding", 0) if mod is not None else node_arg(node, 3, "padding", 0)
     include = getattr(mod, "count_include_pad", True) if mod is not None else node_arg(node, 5, "count_include_pad",
                                                                                         True)
-    return not include or all(p == 0 for p in ((padding,) if isinstance(padding, int) else padding))
+    return bool(include) and any(p != 0 for p in ((padding,) if isinstance(padding, int) else padding))
+
+
+def _avg_pool(node: fx.Node, mod: Any) -> bool:
+    """Average pooling with weights summing to one (no ``divisor_override``)."""
+    override = getattr(mod, "divisor_override", None) if mod is not None else node_arg(node, 6, "divisor_override")
+    return override is None
 
 
 def _no_indices(node: fx.Node, mod: Any) -> bool:
@@ -84,7 +92,9 @@ INTEGER_OPS: dict[Any, tuple[Check, bool]] = {
         "view", "reshape", torch.reshape, "permute", torch.permute, "transpose", torch.transpose, "contiguous",
         "flatten", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze, "expand", "repeat", "narrow",
         torch.narrow, "select", torch.select, operator.getitem, "t", torch.t, "detach", "clone", nn.PixelShuffle,
-        nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle, "flip", torch.flip, "roll", torch.roll)},
+        nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle, "flip", torch.flip, "roll", torch.roll,
+        "swapaxes", torch.swapaxes, "swapdims", torch.swapdims, "movedim", torch.movedim, "moveaxis", torch.moveaxis,
+        "view_as", "reshape_as", "expand_as", "unflatten", torch.unflatten, torch.flatten)},
     **{k: (_no_indices, False) for k in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d,
                                          F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d)},
     **{k: (_integer_resize, False) for k in (nn.Upsample, F.interpolate, F.upsample)},
@@ -112,8 +122,7 @@ RENAMED_METHODS = {"view": "reshape"}
 AFFINE_OPS: dict[Any, Check] = {
     **{k: _always for k in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, F.adaptive_avg_pool1d,
                             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, "mean", torch.mean)},
-    **{k: _pool_no_padding for k in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d,
-                                     F.avg_pool3d)},
+    **{k: _avg_pool for k in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)},
     **{k: _not_nearest for k in (nn.Upsample, F.interpolate, F.upsample)},  # bicubic, trilinear, ...
 }
 

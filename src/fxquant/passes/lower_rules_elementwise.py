@@ -23,7 +23,7 @@ from .. import nn as fnn
 from ..kernels.uint8 import RANGES
 from .lower_build import STANDS_FOR, Lowering, Rule
 from .lower_match import Pat, QParams, attr_value, kind_of
-from .lower_ops import AFFINE_OPS, UNARY_OPS, node_arg
+from .lower_ops import AFFINE_OPS, UNARY_OPS, node_arg, pads_zero_points
 from .lower_rules_norm import scalar_constant
 
 __all__ = ["ELEMENTWISE_RULES", "lookup_table", "UNARY_CHAIN"]
@@ -191,8 +191,13 @@ def _float_op(low: Lowering, q: fx.Node, op: fx.Node, x: fx.Node) -> fx.Node:
 def _affine_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     q, op, dq = m["out"], m["op"], m["dq_x"]
     xq, out = low.qparams(dq), low.qparams(q)
-    y = _float_op(low, q, op, dq.args[0])
-    mod = Q.Requantize(xq.scale, xq.zero_point, out.scale, out.zero_point, out.dtype, out.quant_min, out.quant_max)
+    in_zp = xq.zero_point
+    if pads_zero_points(op, low.module(op)):  # padded zeros must be real zeros: pool q - zp (one op, to float)
+        shifted = low.call(q, "call_function", torch.add, (dq.args[0], float(-in_zp)))
+        y, in_zp = low.call(q, op.op, op.target, (shifted,) + tuple(op.args[1:]), dict(op.kwargs)), 0
+    else:
+        y = _float_op(low, q, op, dq.args[0])
+    mod = Q.Requantize(xq.scale, in_zp, out.scale, out.zero_point, out.dtype, out.quant_min, out.quant_max)
     return low.call_module(q, f"{op.name}_requant", mod, (y,))
 
 

@@ -100,6 +100,24 @@ def _sink_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     return new
 
 
+# tensor attributes a dequantize does not change (dtype does: it stays on the dequantized value)
+_SAME_ATTRIBUTES = frozenset({"shape", "ndim", "device", "is_cuda", "is_cpu"})
+
+
+def _attribute_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
+    """``getattr(dequantize(q), "shape")`` (``x.shape`` in the model): read it from ``q``, so the dequantize is not
+    computed only for its shape."""
+    if node.op != "call_function" or node.target is not getattr or len(node.args) != 2:
+        return None
+    src, attr = node.args
+    ok = attr in _SAME_ATTRIBUTES and kind_of(src, low.modules) == "dq"
+    return {"out": node, "dq": src} if ok else None  # type: ignore[dict-item]
+
+
+def _attribute_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
+    return low.call(m["out"], "call_function", getattr, (m["dq"].args[0], m["out"].args[1]))
+
+
 def _query_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     node = m["out"]
     return low.call(node, node.op, node.target, (node.args[0].args[0],) + tuple(node.args[1:]), dict(node.kwargs))
@@ -172,4 +190,5 @@ NORMALIZE_RULES: tuple[Rule, ...] = (
     Rule("functional_to_module", _roots(_FUNCTIONAL), Pat("*", name="out"), _functional_replace, _functional_when),
     Rule("integer_op", _roots(INTEGER_OPS), Pat("*", name="out"), _sink_replace, _sink_when),
     Rule("shape_query", _roots(SHAPE_QUERIES), Pat("*", (Pat("dq"),), name="out"), _query_replace),
+    Rule("shape_attribute", frozenset({getattr}), _attribute_match, _attribute_replace),
 )
