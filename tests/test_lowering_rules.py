@@ -292,3 +292,23 @@ def test_shape_read_from_a_quantized_value_does_not_dequantize_it():
     assert any(r.rule == "shape_attribute" for r in rows.values()), rows
     assert _counts(low).get("quantized.DeQuantize", 0) == 1  # the output's only
     assert _steps(ref, low, x) <= 1.0
+
+
+def test_float32_upcast_of_a_dequantized_value_vanishes():
+    """``y.to(torch.float32)`` / ``y.float()`` of a dequantized float32 value (an RMSNorm's upcast) is a no-op: the
+    lowered graph keeps integers through it; a cast to another dtype stays."""
+    class Upcast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.fc1(x).to(torch.float32)
+            return self.fc2(torch.relu(y.float()))
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    ref, low = _convert(Upcast(), x)
+    rows = {r.node: r for r in lowering_report(low)}
+    assert rows["to"].rule == rows["float_1"].rule == "drop_identity", rows
+    assert not any(n.op == "call_method" and n.target in ("to", "float") for n in low.graph.nodes)
+    assert _steps(ref, low, x) <= 1.0

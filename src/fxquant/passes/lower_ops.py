@@ -138,7 +138,22 @@ def _not_training(index: int, default: bool) -> Check:
     return lambda node, mod: node_arg(node, index, "training", default) is False
 
 
-IDENTITY_OPS: dict[Any, Check] = {nn.Identity: _always, nn.Dropout: _eval_mode, nn.Dropout1d: _eval_mode,
+def _to_float32_of_dequantize(node: fx.Node, mod: Any) -> bool:
+    """``x.to(torch.float32)`` / ``x.float()`` of a dequantize's float32 result (an RMSNorm's upcast): no-op."""
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and "dequantize" in str(src.target)):
+        return False
+    out_dtype = node_arg(src, 6, "out_dtype")
+    if out_dtype not in (None, torch.float32):
+        return False
+    if node.target == "float":
+        return len(node.args) == 1 and not node.kwargs
+    rest = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k == "dtype"]
+    return rest == [torch.float32] and set(node.kwargs) <= {"dtype"}
+
+
+IDENTITY_OPS: dict[Any, Check] = {"to": _to_float32_of_dequantize, "float": _to_float32_of_dequantize,
+                                  nn.Identity: _always, nn.Dropout: _eval_mode, nn.Dropout1d: _eval_mode,
                                   nn.Dropout2d: _eval_mode, nn.Dropout3d: _eval_mode, nn.AlphaDropout: _eval_mode,
                                   F.dropout: _not_training(2, True), F.dropout1d: _not_training(2, True),
                                   F.dropout2d: _not_training(2, True), F.dropout3d: _not_training(2, True),
