@@ -10,6 +10,8 @@ import struct
 
 import torch
 
+from .uint8 import ROUNDING_MAGIC
+
 __all__ = ["affine_qparams", "fake_quantize", "quantize_to_float", "f32", "FUSED_MAX_NUMEL"]
 
 _EPS32 = float(torch.finfo(torch.float32).eps)
@@ -39,15 +41,12 @@ def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, quant_min: int
     return quantize_to_float(x, scale, zero_point, quant_min, quant_max, shift=zero_point).mul_(scale)
 
 
-_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds a float32 of magnitude < 2**22 to an integer, half to even
-
-
 def quantize_to_float(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
                       shift: int = 0) -> torch.Tensor:
     """The quantized integers of ``x`` minus ``shift``, held in a float32 tensor (rounding half to even: clamp,
     then ``+ 1.5 * 2**23`` rounds in the FPU and ``- (1.5 * 2**23 + shift)`` is exact)."""
     y = torch.add(_f32_tensor(zero_point), x, alpha=1.0 / scale).clamp_(quant_min, quant_max)
-    return y.add_(_MAGIC).sub_(_MAGIC + shift)
+    return y.add_(ROUNDING_MAGIC).sub_(ROUNDING_MAGIC + shift)
 
 
 def _f32_tensor(value: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["quantize", "dequantize", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool2d",
-           "interpolate", "offset", "rounding_bias", "finish", "RANGES", "Offset"]
+           "interpolate", "offset", "rounding_bias", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
 
 # dtype -> (min, max) of the integer activations these kernels accept
 RANGES: dict[torch.dtype, tuple[int, int]] = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
@@ -39,7 +39,7 @@ def offset(value: float) -> Offset:
 
 # 1.5 * 2**23: adding it to a float32 in [-2**22, 2**22] leaves the exponent fixed, so the addition rounds to an
 # integer (half to even, the FPU's rounding) stored in the low mantissa bits: the float's int32 bits end in it
-_MAGIC = 12582912.0
+ROUNDING_MAGIC = 12582912.0
 
 
 def finish(y: torch.Tensor, quant_min: int, quant_max: int, dtype: torch.dtype, exact: bool = True) -> torch.Tensor:
@@ -51,7 +51,7 @@ def finish(y: torch.Tensor, quant_min: int, quant_max: int, dtype: torch.dtype, 
     callers; rounding is always half to even now (:func:`rounding_bias` is 0)."""
     if dtype not in RANGES or y.dtype != torch.float32:
         return y.round_().clamp_(quant_min, quant_max).to(dtype)
-    return y.clamp_(quant_min, quant_max).add_(_MAGIC).view(torch.int32).to(dtype)
+    return y.clamp_(quant_min, quant_max).add_(ROUNDING_MAGIC).view(torch.int32).to(dtype)
 
 
 def rounding_bias(dtype: torch.dtype, exact: bool = True) -> float:
