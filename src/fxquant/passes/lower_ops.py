@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..kernels import uint8
+from .lower_match import kind_of
 
 __all__ = ["INTEGER_OPS", "SHAPE_QUERIES", "AFFINE_OPS", "UNARY_OPS", "IDENTITY_OPS", "RENAMED_METHODS",
            "INTEGER_KERNELS", "node_arg", "IDENTITY_FUNCTIONS_BY_NAME", "qualified_name",
@@ -141,7 +142,7 @@ def _not_training(index: int, default: bool) -> Check:
 def _to_float32_of_dequantize(node: fx.Node, mod: Any) -> bool:
     """``x.to(torch.float32)`` / ``x.float()`` of a dequantize's float32 result (an RMSNorm's upcast): no-op."""
     src = node.args[0] if node.args else None
-    if not (isinstance(src, fx.Node) and src.op == "call_function" and "dequantize" in str(src.target)):
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and kind_of(src, {}) in ("dq", "dq_dynamic")):
         return False
     out_dtype = node_arg(src, 6, "out_dtype")
     if out_dtype not in (None, torch.float32):

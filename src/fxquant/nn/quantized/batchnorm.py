@@ -112,7 +112,7 @@ class QuantizedBatchNorm(_ScalarModule):
             return y if (self.quant_min, self.quant_max) == (0, 255) else y.clamp_(self.quant_min, self.quant_max)
         a, b, lo = self._scalars()
         y = torch.addcmul(b.reshape(shape), q.to(torch.float32), a.reshape(shape))
-        return y.round_().clamp_(lo, self.quant_max).to(self.dtype)
+        return k.finish(y, lo, self.quant_max, self.dtype)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "relu": self.relu}

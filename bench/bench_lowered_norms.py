@@ -3,7 +3,7 @@
 The reference form is what ``convert_fx`` runs for an op without a lowering rule: a ``DeQuantize`` module per
 input, the float op, a ``Quantize`` module. One thread, interleaved rounds, medians (microseconds)::
 
-    .venv/bin/python tools/bench_lowered_norms.py [--rounds 30]
+    .venv/bin/python bench/bench_lowered_norms.py [--rounds 30]
 """
 from __future__ import annotations
 
