@@ -71,20 +71,24 @@ def linear(qx: torch.Tensor, x: ActQParams, packed: torch.Tensor, w_scale: torch
 
 def conv(qx: torch.Tensor, x: ActQParams, packed: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor,
          bias: torch.Tensor | None, geometry: tuple[list[int], list[int], list[int], int], out: ActQParams,
-         post_op: str = "none", other: tuple[torch.Tensor, ActQParams] | None = None) -> torch.Tensor:
+         post_op: str = "none", other: tuple[torch.Tensor, ActQParams] | None = None,
+         clamp: tuple[int, int] | None = None) -> torch.Tensor:
     """Quantized convolution (1/2/3-d, channels-last output) with fused post-op; ``geometry`` =
-    ``(stride, padding, dilation, groups)``."""
+    ``(stride, padding, dilation, groups)``; ``clamp``: the integer output's range when narrower than its dtype's
+    (fused as a ``hardtanh`` where :func:`unary_with_clamp` can, else applied after)."""
     stride, padding, dilation, groups = geometry
     out_scale, out_zp = _out(out)
     if post_op in BINARY:
         accum, oq = other  # type: ignore[misc]
         accum = accum.contiguous(memory_format=torch.channels_last) if accum.dim() == 4 else accum.contiguous()
-        return _OPS.qconv2d_pointwise.binary(qx, x.scale, x.zero_point, packed, w_scale, w_zp, accum.clone(), bias,
-                                             stride, padding, dilation, groups, out_scale, out_zp, out.dtype,
-                                             oq.scale, oq.zero_point, "sum", 1.0, BINARY[post_op], [], None)
-    attr, algo = UNARY[post_op]
-    return _OPS.qconv_pointwise(qx, x.scale, x.zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation,
-                                groups, out_scale, out_zp, out.dtype, attr, [], algo or None)
+        y = _OPS.qconv2d_pointwise.binary(qx, x.scale, x.zero_point, packed, w_scale, w_zp, accum.clone(), bias,
+                                          stride, padding, dilation, groups, out_scale, out_zp, out.dtype,
+                                          oq.scale, oq.zero_point, "sum", 1.0, BINARY[post_op], [], None)
+        return y if clamp is None else y.clamp_(*clamp)
+    attr, scalars, algo, rest = unary_with_clamp(post_op, clamp, out_scale, out_zp)
+    y = _OPS.qconv_pointwise(qx, x.scale, x.zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation,
+                             groups, out_scale, out_zp, out.dtype, attr, scalars, algo or None)
+    return y if rest is None else y.clamp_(*rest)
 
 
 def split_halves(qx: torch.Tensor, x: ActQParams) -> tuple[tuple[torch.Tensor, ActQParams],

@@ -8,7 +8,8 @@ clamp (from ``zp_out`` for the relu). Two kernels:
 * ``onednn``: a 1x1 depthwise int8 convolution (weights ``sign(a_c)``, per-channel weight scales ``|a_c|``, bias
   ``b_c``, relu fused) — one call for a 4-d uint8 image; exact (one product per output, no saturation), rounding
   half to even like the reference;
-* ``float``: ``addcmul(B, q.float(), A)``, then round half to even, clamp and cast (5 aten ops).
+* ``float``: ``addcmul(B, q.float(), A)``, then :func:`fxquant.kernels.uint8.finish` (round half to even,
+  clamp, store).
 
 Both equal ``quantize(relu?(batch_norm(dequantize(q))))`` up to float32 rounding (within one output step).
 """
@@ -107,9 +108,9 @@ class QuantizedBatchNorm(_ScalarModule):
             return out.clamp(self.quant_min, self.quant_max).to(self.dtype)
         if self._kernel(q) == "onednn_depthwise":
             x_q, out_q, packed, w_scale, w_zp, bias = self._onednn_plan(q.shape[1])
-            y = onednn.conv(q, x_q, packed, w_scale, w_zp, bias, ([1, 1], [0, 0], [1, 1], q.shape[1]), out_q,
-                            "relu" if self.relu else "none")
-            return y if (self.quant_min, self.quant_max) == (0, 255) else y.clamp_(self.quant_min, self.quant_max)
+            clamp = None if (self.quant_min, self.quant_max) == (0, 255) else (self.quant_min, self.quant_max)
+            return onednn.conv(q, x_q, packed, w_scale, w_zp, bias, ([1, 1], [0, 0], [1, 1], q.shape[1]), out_q,
+                               "relu" if self.relu else "none", clamp=clamp)
         a, b, lo = self._scalars()
         y = torch.addcmul(b.reshape(shape), q.to(torch.float32), a.reshape(shape))
         return k.finish(y, lo, self.quant_max, self.dtype)

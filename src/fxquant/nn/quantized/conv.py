@@ -142,11 +142,10 @@ def _onednn_kernel(mod: _QuantizedConvNd, x: torch.Tensor, other: Any) -> torch.
     packed, w_scale, w_zp = mod._packed()
     xq, out, oth = mod._act()
     acc = None if other is None else (other[0], oth)
-    y = onednn.conv(x, xq, packed, w_scale, w_zp, mod.bias, mod._geometry(), out, mod.post_op, acc)
     spec = mod.output_spec
-    if not spec.dtype.is_floating_point and (spec.quant_min, spec.quant_max) != (0, 255):
-        y = y.clamp_(spec.quant_min, spec.quant_max)
-    return y
+    clamp = None if spec.dtype.is_floating_point or (spec.quant_min, spec.quant_max) == (0, 255) else \
+        (spec.quant_min, spec.quant_max)
+    return onednn.conv(x, xq, packed, w_scale, w_zp, mod.bias, mod._geometry(), out, mod.post_op, acc, clamp)
 
 
 def _unfused_kernel(mod: _QuantizedConvNd, x: torch.Tensor, other: Any, split: bool = False) -> torch.Tensor:
@@ -221,7 +220,7 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     folded = post_op in ("none", "relu", "add", "add_relu")  # else: the post-op runs in float, then a quantize
     w = (mod.float_weight() * (float(mod.input_scale) * (inv_out if folded else 1.0))).contiguous()
     b = torch.zeros(mod.out_channels) if mod.bias is None else mod.bias.clone()
-    bias_out = uint8.offset(zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    bias_out = uint8.offset(zp_out)
     k_other = 0.0
     if post_op in portable.BINARY_POST_OPS:
         k_other = float(mod.other_scale) * inv_out
@@ -250,7 +249,7 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
                 mod._other(other)  # raises the explanatory error
             y = y.add_(other, alpha=k_other)
         if folded:
-            return uint8.finish(y, lo, spec.quant_max, spec.dtype, exact=False)
+            return uint8.finish(y, lo, spec.quant_max, spec.dtype)
         return uint8.quantize(post(y), inv_out, bias_out, lo, spec.quant_max, spec.dtype)
     return run
 

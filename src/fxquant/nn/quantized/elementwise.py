@@ -98,7 +98,7 @@ class Quantize(_ScalarModule):
         self._qparam("", scale, zero_point)
 
     def _build_scalars(self) -> tuple[float, torch.Tensor]:
-        return 1.0 / float(self.scale), k.offset(int(self.zero_point) + k.rounding_bias(self.dtype, exact=False))
+        return 1.0 / float(self.scale), k.offset(int(self.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -188,7 +188,7 @@ class Requantize(_ScalarModule):
         same = float(self.in_scale) == float(self.out_scale) and int(self.in_zero_point) == int(self.out_zero_point)
         a = 1.0 if same else float(self.in_scale) / float(self.out_scale)
         b = float(self.out_zero_point) - float(self.in_zero_point) * a
-        return a, None if same else k.offset(b + k.rounding_bias(self.dtype))
+        return a, None if same else k.offset(b)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():

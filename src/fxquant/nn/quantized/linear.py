@@ -155,10 +155,9 @@ def _float_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         return lambda x, other: post(F.linear(x.to(torch.float32), w, b))
     inv = 1.0 / float(mod.output_scale)
     zp_out = int(mod.output_zero_point)
-    w, b = w * inv, b * inv + (zp_out + uint8.rounding_bias(spec.dtype, exact=False))
+    w, b = w * inv, b * inv + zp_out
     lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
-    return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, spec.quant_max, spec.dtype,
-                                         exact=False)
+    return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, spec.quant_max, spec.dtype)
 
 
 _PLANS: dict[str, Callable[[Linear], Callable[[torch.Tensor, Any], torch.Tensor]]] = {
@@ -238,7 +237,7 @@ class LinearDynamic(Linear):
         scale, zp = dynamic.affine_qparams(float(lo), float(hi), spec.quant_min, spec.quant_max)
         if kernel == "float":
             return portable.UNARY_POST_OPS[self.post_op](self._float_dynamic(x, scale, zp))
-        bias = uint8.offset(zp + uint8.rounding_bias(spec.dtype, exact=False))
+        bias = uint8.offset(zp)
         qx = uint8.quantize(x, 1.0 / scale, bias, spec.quant_min, spec.quant_max, spec.dtype)
         acts = (onednn.ActQParams(scale, zp), onednn.ActQParams(1.0, 0, torch.float32), None)
         return _STATIC_KERNELS[kernel](self, qx, None, lambda: acts)
