@@ -101,6 +101,53 @@ TORCHVISION: dict[str, Factory] = {
 }
 
 
+def _tvq(name: str, **kwargs: Any) -> Factory:
+    """torchvision's quantizable variants (QuantStub / DeQuantStub / FloatFunctional adds, as eager-mode users
+    wrote their models), in float (``quantize=False``)."""
+    def make(size: int) -> tuple[nn.Module, Callable[[int], tuple]]:
+        import torchvision.models.quantization as tvq
+
+        model = getattr(tvq, name)(weights=None, quantize=False, **kwargs)
+        side = max(size, 96)
+        return model, lambda seed: (torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed)),)
+
+    return make
+
+
+def _tv_video(name: str, frames: int = 8, side: int = 64) -> Factory:
+    """torchvision's video classifiers (Conv3d / BatchNorm3d / 3-d pools) on ``frames`` frames."""
+    def make(size: int) -> tuple[nn.Module, Callable[[int], tuple]]:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        return model, lambda seed: (torch.randn(1, 3, frames, side, side,
+                                                generator=torch.Generator().manual_seed(seed)),)
+
+    return make
+
+
+# architectures a migrating user is likely to bring beyond the common classifiers (run by default, or --only)
+TORCHVISION_MORE: dict[str, Factory] = {
+    "q_resnet18": _tvq("resnet18"),
+    "q_resnet50": _tvq("resnet50"),
+    "q_mobilenet_v2": _tvq("mobilenet_v2"),
+    "q_mobilenet_v3_large": _tvq("mobilenet_v3_large"),
+    "q_shufflenet_v2_x1_0": _tvq("shufflenet_v2_x1_0"),
+    "q_googlenet": _tvq("googlenet", aux_logits=False, init_weights=False),
+    "q_inception_v3": _tvq("inception_v3", aux_logits=False, init_weights=False),
+    "vgg11_bn": _tv("vgg11_bn"),
+    "alexnet": _tv("alexnet", min_size=64),
+    "squeezenet1_0": _tv("squeezenet1_0"),
+    "mnasnet1_0": _tv("mnasnet1_0"),
+    "regnet_y_800mf": _tv("regnet_y_800mf"),
+    "vit_b_32": _tv_kw("vit_b_32", "image_size", min_size=64),
+    "r3d_18": _tv_video("r3d_18"),
+    "mc3_18": _tv_video("mc3_18"),
+    "r2plus1d_18": _tv_video("r2plus1d_18"),
+    "s3d": _tv_video("s3d", frames=16, side=224),
+}
+
+
 def _hf(config_name: str, model_cls: str, text: bool = True, **cfg: Any) -> Factory:
     def make(size: int) -> tuple[nn.Module, Callable[[int], tuple]]:
         import transformers
@@ -139,6 +186,64 @@ HUGGINGFACE: dict[str, Factory] = {
     "clip_vision": _hf("clip_vision_model", "CLIPVisionModel", text=False, image_size=64, patch_size=16, **_SMALL),
     "convnext_hf": _hf("convnext", "ConvNextModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
                        depths=[1, 1, 1, 1]),
+}
+
+
+def _hf_inputs(config_name: str, model_cls: str, make_inputs: Callable[[Any, int], tuple], **cfg: Any) -> Factory:
+    """A Hugging Face model whose inputs are not token ids or a square image (audio features, raw waveforms)."""
+    def make(size: int) -> tuple[nn.Module, Callable[[int], tuple]]:
+        import transformers
+
+        config = transformers.AutoConfig.for_model(config_name, **cfg)
+        cls, _, part = model_cls.partition(".")  # "WhisperModel.encoder": that submodule of the model
+        model = getattr(transformers, cls)(config)
+        return (getattr(model, part) if part else model), lambda seed: make_inputs(config, seed)
+
+    return make
+
+
+def _mel(config: Any, seed: int) -> tuple:
+    frames = 2 * int(config.max_source_positions)
+    return (torch.randn(1, int(config.num_mel_bins), frames, generator=torch.Generator().manual_seed(seed)),)
+
+
+def _wave(config: Any, seed: int) -> tuple:
+    return (torch.randn(1, 4000, generator=torch.Generator().manual_seed(seed)),)
+
+
+_TINY_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=1000, use_cache=False)
+HUGGINGFACE_MORE: dict[str, Factory] = {
+    "opt": _hf("opt", "OPTModel", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+               word_embed_proj_dim=64, vocab_size=1000, use_cache=False),
+    "bloom": _hf("bloom", "BloomModel", hidden_size=64, n_layer=2, n_head=4, vocab_size=1000, use_cache=False),
+    "falcon": _hf("falcon", "FalconModel", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=1000, use_cache=False),
+    "phi": _hf("phi", "PhiModel", **_TINY_DECODER),
+    "mistral": _hf("mistral", "MistralModel", num_key_value_heads=2, **_TINY_DECODER),
+    "gpt_neox": _hf("gpt_neox", "GPTNeoXModel", **_TINY_DECODER),
+    "xlm_roberta": _hf("xlm-roberta", "XLMRobertaModel", **_SMALL),
+    "deit": _hf("deit", "DeiTModel", text=False, image_size=64, patch_size=16, **_SMALL),
+    "beit": _hf("beit", "BeitModel", text=False, image_size=64, patch_size=16, **_SMALL),
+    "dinov2": _hf("dinov2", "Dinov2Model", text=False, image_size=64, patch_size=16, hidden_size=64,
+                  num_hidden_layers=2, num_attention_heads=4),
+    "swin_hf": _hf("swin", "SwinModel", text=False, image_size=64, patch_size=4, embed_dim=16, depths=[1, 1],
+                   num_heads=[2, 4], window_size=4),
+    "segformer": _hf("segformer", "SegformerModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
+                     depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 4, 8], decoder_hidden_size=64),
+    "mobilevit": _hf("mobilevit", "MobileViTModel", text=False, image_size=64, hidden_sizes=[32, 48, 64],
+                     neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 128]),
+    "resnet_hf": _hf("resnet", "ResNetModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
+                     depths=[1, 1, 1, 1], embedding_size=16),
+    "whisper_encoder": _hf_inputs("whisper", "WhisperModel.encoder", _mel, d_model=64,
+                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                  num_mel_bins=16, max_source_positions=32, vocab_size=1000, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, use_cache=False),
+    "wav2vec2": _hf_inputs("wav2vec2", "Wav2Vec2Model", _wave, hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, conv_dim=[32, 32, 32],
+                           conv_stride=[5, 2, 2], conv_kernel=[10, 3, 3], num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=4),
 }
 
 
@@ -336,8 +441,12 @@ def _hf_alternative(model: nn.Module, example: tuple) -> tuple[str, nn.Module]:
 
 
 def _models(args: argparse.Namespace) -> list[tuple[str, Factory, bool]]:
-    out = [] if args.skip_tv else [(n, f, False) for n, f in TORCHVISION.items()]
-    out += [] if args.skip_hf else [(n, f, True) for n, f in HUGGINGFACE.items()]
+    tv, hf = dict(TORCHVISION), dict(HUGGINGFACE)
+    if args.more or args.only:
+        tv.update(TORCHVISION_MORE)
+        hf.update(HUGGINGFACE_MORE)
+    out = [] if args.skip_tv else [(n, f, False) for n, f in tv.items()]
+    out += [] if args.skip_hf else [(n, f, True) for n, f in hf.items()]
     return [m for m in out if not args.only or m[0] in args.only]
 
 
@@ -373,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="model names to run")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-tv", action="store_true")
+    parser.add_argument("--more", action="store_true",
+                        help="also the quantizable / video / VGG torchvision models and more Hugging Face families")
     parser.add_argument("--size", type=int, default=96, help="image side (models with a minimum use theirs)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--latency", type=int, default=0, metavar="ROUNDS",

@@ -622,6 +622,61 @@ def test_sizes_given_to_torch_factories_and_setitem_are_traced_on_inputs() -> No
             assert _sqnr(model(x), reference(x)) > 20.0 and _sqnr(model(x), lowered(x)) > 20.0
 
 
+def test_compare_traces_the_float_model_as_prepare_did_on_example_inputs() -> None:
+    # found on Hugging Face's MobileViT: prepare_fx fell back to tracing on the example inputs, but compare()
+    # re-traced the float model with plain torch.fx and raised TraceFailure
+    torch.manual_seed(0)
+    model = _SizesIntoFactories().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference, lowered = _quantize_all(model, _tokens())
+    for quantized in (reference, lowered):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # prepare_fx warned already; compare stays quiet
+            report = fxquant.compare(model, quantized, _tokens()(3))
+        fc = [r for r in report.rows if r.op == "linear" or "fc" in r.node]
+        assert fc and fc[0].quantized and fc[0].act_sqnr is not None and fc[0].act_sqnr > 20.0, report
+
+
+class _AudioStem(nn.Module):  # wav / keyword-spotting nets: Conv1d -> BN -> ReLU -> MaxPool1d
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.pool = nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.MaxPool1d(3, 2, 1)
+        self.conv2 = nn.Conv1d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(F.relu(self.bn(self.conv(x))))
+        return F.max_pool1d(self.conv2(y), 2)
+
+
+class _VideoStem(nn.Module):  # torchvision's s3d / r3d: Conv3d -> BN3d -> ReLU -> MaxPool3d
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8)
+        self.pool, self.conv2 = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)), nn.Conv3d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool3d(self.conv2(self.pool(F.relu(self.bn(self.conv(x))))), 2)
+
+
+@pytest.mark.parametrize("model, shape", ((_AudioStem, (2, 2, 40)), (_VideoStem, (1, 3, 4, 12, 12))))
+def test_max_pools_after_1d_and_3d_convs_run_on_the_integers(model, shape) -> None:
+    # found on torchvision's s3d: the lowered model failed in torch's uint8 channels-last-3d max pool, and a 1-d
+    # integer max pool does not exist in torch
+    torch.manual_seed(0)
+    net = model().eval()
+    net.bn.running_mean.uniform_(-0.2, 0.2)
+    inputs = lambda seed: (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)),)
+    reference, lowered = _quantize_all(net, inputs)
+    x = inputs(5)[0]
+    with torch.no_grad():
+        assert torch.allclose(lowered(x), reference(x), atol=1e-6)
+        assert _sqnr(net(x), lowered(x)) > 25.0
+    pools = [n for n in lowered.graph.nodes if n.op == "call_function" and "max_pool" in str(n.target)]
+    assert len(pools) == 2 and all(n.target.__module__ == "fxquant.kernels.uint8" for n in pools), lowered.code
+    assert all(n.args[0].op != "call_function" or "dequantize" not in str(n.args[0].target) for n in pools)
+
+
 # torchvision's stochastic depth, as torchvision declares it (a torch.fx-wrapped function of torchvision.ops), written
 # out here: in eval mode it returns its input
 def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:

@@ -204,3 +204,34 @@ def test_dynamic_fake_quantize_matches_the_reference_ops(qrange, zp):
     small = x[:100]
     assert torch.equal(dynamic.fake_quantize(small, scale, zp, *qrange),
                        torch.fake_quantize_per_tensor_affine(small, scale, zp, *qrange))
+
+
+@pytest.mark.parametrize("dtype", (torch.uint8, torch.int8))
+@pytest.mark.parametrize("rank, layout", ((1, None), (2, torch.channels_last), (3, torch.channels_last_3d),
+                                          (3, torch.contiguous_format)))
+@pytest.mark.parametrize("args", (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2),
+                                  dict(kernel_size=3, stride=1, dilation=2, ceil_mode=True)))
+def test_integer_max_pools_equal_the_float_op_in_every_rank_and_layout(dtype, rank, layout, args):
+    # torch 2.13 has no integer max_pool1d and its channels-last-3d kernel rejects uint8 / int8 (found on s3d)
+    lo, hi = uint8.RANGES[dtype]
+    shape = (2, 8) + (9, 18, 20)[-rank:]
+    x = torch.randint(lo, hi + 1, shape, generator=torch.Generator().manual_seed(rank)).to(dtype)
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    kernel = {1: uint8.max_pool1d, 2: uint8.max_pool2d, 3: uint8.max_pool3d}[rank]
+    float_op = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[rank]
+    got = kernel(x, **args)
+    assert got.dtype == dtype
+    assert torch.equal(got, float_op(x.float(), **args).to(dtype))
+    assert torch.equal(kernel(x[0], **args), got[0])  # unbatched input
+
+
+@pytest.mark.parametrize("rank", (2, 3))
+def test_channels_last_integer_max_pool_on_an_image_of_more_than_32767_positions(rank):
+    # the int16 detour of torch's channels-last pool indexes positions in int16 (s3d at 224, 2-d stems at 512)
+    shape = (1, 4, 184, 184) if rank == 2 else (1, 4, 4, 96, 96)
+    layout = torch.channels_last if rank == 2 else torch.channels_last_3d
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    x = x.contiguous(memory_format=layout)
+    kernel, float_op = (uint8.max_pool2d, F.max_pool2d) if rank == 2 else (uint8.max_pool3d, F.max_pool3d)
+    assert torch.equal(kernel(x, 3, 2, 1), float_op(x.float(), 3, 2, 1).to(torch.uint8))

@@ -20,12 +20,14 @@ within the one quantization step the lowering contract allows.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "dequantize", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool2d",
+__all__ = ["quantize", "dequantize", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d",
+           "max_pool2d", "max_pool3d",
            "interpolate", "offset", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
 
 # dtype -> (min, max) of the integer activations these kernels accept
@@ -138,15 +140,54 @@ def max_pool2d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``F.max_pool2d`` for integer tensors in any layout (same arguments).
 
     torch 2.13's channels-last kernel rejects uint8 / int8 images above 255 elements (its index type is the
-    element type); its int16 kernel is fine and vectorized, so channels-last integer input goes through int16.
+    element type); its int16 / int32 kernels are fine and vectorized, so channels-last integer input goes through
+    them.
     Tracers (torch.fx, when a pickled GraphModule is rebuilt) see it as one call, like ``F.max_pool2d``.
     """
     if torch.overrides.has_torch_function_unary(x):
         return torch.overrides.handle_torch_function(max_pool2d, (x,), x, *args, **kwargs)  # type: ignore[no-any-return]
     if x.dim() == 4 and x.dtype in RANGES and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous():
-        return F.max_pool2d(x.to(torch.int16), *args, **kwargs).to(x.dtype)
+        return F.max_pool2d(x.to(_pool_index_dtype(x, 2)), *args, **kwargs).to(x.dtype)
     return F.max_pool2d(x, *args, **kwargs)
+
+
+def _pool_index_dtype(x: torch.Tensor, rank: int) -> torch.dtype:
+    """torch's channels-last max pools index the image with the element type: int16 while the image has at most
+    32767 positions, else int32 (both vectorized)."""
+    return torch.int16 if math.prod(x.shape[-rank:]) <= 32767 else torch.int32
+
+
+def max_pool3d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.max_pool3d`` for integer tensors in any layout (same arguments): torch 2.13's channels-last-3d kernel
+    rejects uint8 / int8 input of any size (index type = element type), so a non-contiguous integer input goes
+    through int16."""
+    if torch.overrides.has_torch_function_unary(x):
+        return torch.overrides.handle_torch_function(max_pool3d, (x,), x, *args, **kwargs)  # type: ignore[no-any-return]
+    if x.dtype in RANGES and not x.is_contiguous():
+        return F.max_pool3d(x.to(_pool_index_dtype(x, 3)), *args, **kwargs).to(x.dtype)
+    return F.max_pool3d(x, *args, **kwargs)
+
+
+def max_pool1d(x: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False) -> torch.Tensor:
+    """``F.max_pool1d`` for integer tensors (same arguments; no indices): torch 2.13 has no integer 1-d max
+    pool, so it runs as a 2-d pool over a height-1 image (exact: a max of the same elements)."""
+    if torch.overrides.has_torch_function_unary(x):
+        return torch.overrides.handle_torch_function(  # type: ignore[no-any-return]
+            max_pool1d, (x,), x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    if return_indices:
+        raise ValueError("fxquant's integer max_pool1d returns no indices (the lowering keeps such pools in float)")
+    if x.dtype not in RANGES:
+        return F.max_pool1d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    def one(v: Any, default: int) -> int:
+        v = default if v is None or (isinstance(v, (tuple, list)) and not v) else v
+        return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+    k = one(kernel_size, 1)
+    two_d = ((1, k), (1, one(stride, k)), (0, one(padding, 0)), (1, one(dilation, 1)))
+    return F.max_pool2d(x.unsqueeze(-2), *two_d, ceil_mode=ceil_mode).squeeze(-2)
 
 
 _FLOAT_RESIZE_MIN = 4096  # smaller images: torch's integer kernel (one op) beats three

@@ -105,14 +105,17 @@ INTEGER_OPS: dict[Any, tuple[Check, bool]] = {
 SHAPE_QUERIES = frozenset({"size", "dim", "numel"})
 
 
-def _max_pool2d_module(mod: nn.MaxPool2d) -> tuple:
+def _max_pool_module(mod: nn.MaxPool2d) -> tuple:
     return (mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
 
 
 # kind -> (integer kernel, module -> its arguments after the input; None: the call's own arguments)
 INTEGER_KERNELS: dict[Any, tuple[Callable[..., torch.Tensor], Any]] = {
-    nn.MaxPool2d: (uint8.max_pool2d, _max_pool2d_module), F.max_pool2d: (uint8.max_pool2d, None),
-    torch.max_pool2d: (uint8.max_pool2d, None),
+    **{k: (kernel, _max_pool_module if isinstance(k, type) else None)
+       for kernel, kinds in ((uint8.max_pool1d, (nn.MaxPool1d, F.max_pool1d, torch.max_pool1d)),
+                             (uint8.max_pool2d, (nn.MaxPool2d, F.max_pool2d, torch.max_pool2d)),
+                             (uint8.max_pool3d, (nn.MaxPool3d, F.max_pool3d, torch.max_pool3d)))
+       for k in kinds},
     **{k: (uint8.interpolate, uint8.upsample_args) for k in (nn.Upsample, nn.UpsamplingNearest2d,
                                                               nn.UpsamplingBilinear2d)},
     F.interpolate: (uint8.interpolate, None), F.upsample: (uint8.interpolate, None),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -125,13 +126,17 @@ def format_rows(rows: list[CompareRow]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- matching
-def _fused_float(float_model: nn.Module, state: Any) -> fx.GraphModule:
-    """Trace + fuse a copy of the float model exactly as prepare_fx did (node names then match)."""
+def _fused_float(float_model: nn.Module, state: Any, example_inputs: tuple) -> fx.GraphModule:
+    """Trace + fuse a copy of the float model exactly as prepare_fx did (node names then match); a model plain
+    torch.fx cannot trace is traced on ``example_inputs``, as prepare_fx did (its warning is not repeated)."""
     from .. import pipeline
 
-    ctx = pipeline.Context(backend_config=state.backend_config, prepare_custom_config=state.prepare_custom_config)
+    ctx = pipeline.Context(backend_config=state.backend_config, prepare_custom_config=state.prepare_custom_config,
+                           example_inputs=example_inputs)
     model = copy.deepcopy(float_model).eval()
-    return pipeline.run(model, ("trace", "fuse"), ctx)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*traced it on example_inputs")
+        return pipeline.run(model, ("trace", "fuse"), ctx)
 
 
 def _weight_pairs(f_mod: nn.Module, q_mod: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -280,7 +285,7 @@ def compare(float_model: nn.Module, quantized_model: nn.Module, example_inputs: 
         raise ValueError("compare() needs the converted model, but this one still has observers (a prepared model): "
                          "calibrate it, then pass convert_fx(prepared)")
     inputs = _check_inputs(example_inputs)
-    f_gm = _fused_float(float_model, state)
+    f_gm = _fused_float(float_model, state, inputs)
     f_env = _capture.record(f_gm, inputs)
     q_env = _capture.record(quantized_model, inputs)
     infos = {r.node: r for r in explain(quantized_model)}
