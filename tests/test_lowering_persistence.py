@@ -110,3 +110,43 @@ def test_lowering_report_survives_deepcopy():
     rows = fxquant.lowering_report(res.lowered)
     twin = copy.deepcopy(res.lowered)
     assert [r.node for r in fxquant.lowering_report(twin)] == [r.node for r in rows] and rows
+
+
+class _CatRelu(torch.nn.Module):
+    """relu after a cat: its table is the identity when the cat's zero point is 0 (non-negative calibration data),
+    else a clamp that stays in the graph, so the lowered graph depends on the calibration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(torch.cat([x, x * 2.0], 1)))
+
+
+def _converted_cat_relu(data: torch.Tensor) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = _CatRelu().eval()
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (data,))
+    with torch.no_grad():
+        prepared(data)
+    return prepared, fxquant.convert_fx(copy.deepcopy(prepared))
+
+
+def test_a_state_dict_of_a_differently_specialised_graph_is_refused_with_the_remedy():
+    gen = torch.Generator().manual_seed(0)
+    _, positive = _converted_cat_relu(torch.rand(16, 4, generator=gen))
+    prepared_mixed, mixed = _converted_cat_relu(torch.randn(16, 4, generator=gen))
+    assert "clamp" in mixed.code and "clamp" not in positive.code  # the two calibrations gave two graphs
+    saved = torch.load(_bytes(mixed.state_dict()), weights_only=True)
+    with pytest.raises(RuntimeError, match="fxquant_signature") as info:
+        positive.load_state_dict(saved)
+    assert "prepared model's state dict" in str(info.value)
+    # the remedy: the observers' statistics into a fresh prepared model, then convert: the same graph
+    fresh_prepared, _ = _converted_cat_relu(torch.rand(16, 4, generator=gen))
+    fresh_prepared.load_state_dict(torch.load(_bytes(prepared_mixed.state_dict()), weights_only=True))
+    fresh = fxquant.convert_fx(fresh_prepared)
+    fresh.load_state_dict(saved)
+    x = torch.randn(5, 4, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), mixed(x))

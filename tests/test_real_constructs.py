@@ -622,6 +622,56 @@ def test_sizes_given_to_torch_factories_and_setitem_are_traced_on_inputs() -> No
             assert _sqnr(model(x), reference(x)) > 20.0 and _sqnr(model(x), lowered(x)) > 20.0
 
 
+def test_models_traced_on_example_inputs_survive_torch_save_and_load(tmp_path) -> None:
+    # found on every Hugging Face model: torch.load re-traces a pickled GraphModule with its recorded tracer class,
+    # built without arguments, and ConcreteTracer needs the example inputs
+    torch.manual_seed(0)
+    model = _SizesIntoFactories().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), _tokens()(0))
+        with torch.no_grad():
+            prepared(*_tokens()(1))
+        lowered = fxquant.convert_fx(copy.deepcopy(prepared))
+    x = _tokens()(3)[0]
+    for name, m in (("prepared", prepared), ("lowered", lowered)):
+        torch.save(m, tmp_path / f"{name}.pt")
+        loaded = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), m(x)), name
+    loaded_prepared = torch.load(tmp_path / "prepared.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(fxquant.convert_fx(loaded_prepared)(x), lowered(x))
+
+
+class _TensorMadeInForward(nn.Module):  # Whisper: a tensor made in forward from constants (torch.fx: a constant)
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.offsets = torch.linspace(-1.0, 1.0, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * torch.tensor(0.5) + self.offsets)
+
+
+@pytest.mark.parametrize("on_inputs", (False, True))
+def test_prepare_adds_no_tensor_constants_to_the_float_model(on_inputs: bool) -> None:
+    # torch.fx stores such tensors on the traced root as _tensor_constant0: found as a state_dict key mismatch
+    # between two conversions of the same Hugging Face model
+    torch.manual_seed(0)
+    model = (_TensorMadeInForward() if not on_inputs else nn.Sequential(_SizesIntoFactories(),
+                                                                          _TensorMadeInForward())).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference, lowered = _quantize_all(model, _tokens())
+    added = [f"{name}.{attr}" for name, m in model.named_modules()
+             for attr in set(vars(m)) | set(m._buffers) | set(m._parameters) if attr.startswith("_tensor_constant")]
+    assert not added and "_tensor_constant0" not in model.state_dict()
+    x = _tokens()(3)[0]
+    with torch.no_grad():
+        assert _sqnr(model(x), lowered(x)) > 20.0
+
+
 def test_compare_traces_the_float_model_as_prepare_did_on_example_inputs() -> None:
     # found on Hugging Face's MobileViT: prepare_fx fell back to tracing on the example inputs, but compare()
     # re-traced the float model with plain torch.fx and raised TraceFailure

@@ -7,7 +7,7 @@ A mode is a different tuple, never a flag threaded through functions::
     PREPARE_QAT = the same with qat_swap after assign_qconfig
     REFERENCE   = quantized_inputs, to_reference, quantized_outputs, verify_reference
     CONVERT     = quantized_inputs, to_reference, quantized_outputs, verify_reference, lower, cleanup,
-                  quantized_io_attach, verify_lowered
+                  quantized_io_attach, verify_lowered, sign_lowered
 
 (``quantized_*`` passes do nothing unless PrepareCustomConfig declares quantized inputs / outputs.)
 
@@ -41,7 +41,7 @@ PREPARE_QAT = ("trace", "fuse", "assign_qconfig", "qat_swap", "special_modules",
 REFERENCE = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference")
 # convert_fx; lowering passes join this tuple as they land (see passes/lower*.py)
 CONVERT = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference", "lower", "cleanup",
-           "quantized_io_attach", "verify_lowered")
+           "quantized_io_attach", "verify_lowered", "sign_lowered")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from .passes.trace import QuantizationTracer, _explain_failure
 
-__all__ = ["trace_with_inputs", "concrete_trace", "ConcreteTracer"]
+__all__ = ["trace_with_inputs", "concrete_trace", "ConcreteTracer", "GraphCodeTracer"]
 
 # tensor attributes that are constants of a traced graph: returned as the example's values, never recorded
 _STATIC_ATTRS = frozenset({"dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout",
@@ -80,6 +80,18 @@ class ConcreteAttribute(_Concrete, Attribute):
     pass
 
 
+class _CodeProxy(fx.Proxy):
+    """A proxy for re-tracing generated code: in-place item assignment is a node, protocol probes are not."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k.startswith("__") and k.endswith("__"):
+            raise AttributeError(k)
+        return super().__getattr__(k)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 # torch functions that cannot take traced values as torch.fx expects (see ConcreteTracer.trace)
 _RECORDED = ("tensor", "ones", "zeros", "empty", "rand", "randn")
 
@@ -109,7 +121,44 @@ def _size_query(kind: str, target: Any, args: tuple) -> bool:
     return kind == "call_function" and target is getattr and len(args) > 1 and args[1] in _SIZE_ATTRS
 
 
-class ConcreteTracer(QuantizationTracer):
+class _RecordsFactories:
+    """Tracing in which the torch functions of ``_RECORDED`` become graph calls when given traced values:
+    torch.tensor reads its data as a Python sequence, and ``torch.ones(b, n)`` parses sizes given one by one
+    before any proxy can intercept it."""
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        originals = {name: getattr(torch, name) for name in _RECORDED}
+        for name, fn in originals.items():
+            setattr(torch, name, self._recording(fn))
+        try:
+            return super().trace(root, concrete_args)  # type: ignore[misc,no-any-return]
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+
+    def _recording(self, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _holds_proxy((args, kwargs)):
+                return self.create_proxy("call_function", fn, args, kwargs)  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)
+
+        return call
+
+
+class GraphCodeTracer(_RecordsFactories, QuantizationTracer):
+    """Re-traces the generated code of a graph :class:`ConcreteTracer` made (what ``torch.load`` does to rebuild a
+    pickled GraphModule): that code has no control flow left, only calls such as ``torch.ones(size_1, 4)`` and
+    item assignments."""
+
+    def __init__(self, skipped_names: Sequence[str] = (), skipped_classes: Sequence[type] = ()):
+        super().__init__(tuple(skipped_names), tuple(skipped_classes))
+        self.proxy_buffer_attributes = True  # the code slices buffers with traced sizes: `self.ids[:, :size_1]`
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CodeProxy(node, self)
+
+
+class ConcreteTracer(_RecordsFactories, QuantizationTracer):
     """fxquant's QuantizationTracer that also runs every traced op on the example inputs (see module docstring)."""
 
     binds_decorated_forward = True  # calls the root's forward normally (see create_args_for_root)
@@ -206,27 +255,6 @@ class ConcreteTracer(QuantizationTracer):
     def keys(self, obj: fx.Proxy) -> Any:
         return self.value_of(obj).keys()
 
-    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
-        """torch.fx's trace, with the torch functions of ``_RECORDED`` recorded as calls when given traced values:
-        torch.tensor reads its data as a Python sequence, and ``torch.ones(b, n)`` parses sizes given one by one
-        before any proxy can intercept it."""
-        originals = {name: getattr(torch, name) for name in _RECORDED}
-        for name, fn in originals.items():
-            setattr(torch, name, self._recording(fn))
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            for name, fn in originals.items():
-                setattr(torch, name, fn)
-
-    def _recording(self, fn: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if _holds_proxy((args, kwargs)):
-                return self.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
-
-        return call
-
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, list]:
         """One placeholder per example input, named like the forward's parameters; the other parameters keep their
         defaults. The forward is called normally, so a decorated ``forward(*args, **kwargs)`` binds correctly."""
@@ -245,6 +273,9 @@ def concrete_trace(tracer: ConcreteTracer, model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model)
     finally:
         tracer.shadow = None
+    # torch.load rebuilds a pickled GraphModule by re-tracing its generated code with a subclass of the recorded
+    # tracer class, constructed without arguments
+    graph._tracer_cls = GraphCodeTracer
     return fx.GraphModule(model, graph, type(model).__name__)
 
 

@@ -161,12 +161,19 @@ def symbolic_trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
     tracer = QuantizationTracer(names, classes)
     # a GraphModule reads buffers as explicit get_attr nodes (`self.ids[:, :n]`): keep them nodes when re-tracing
     tracer.proxy_buffer_attributes = isinstance(model, fx.GraphModule)
+    own = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
     try:
-        gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
-    except Exception as exc:  # torch.fx raises many types; all are reported the same way
-        if not ctx.example_inputs:
-            raise _explain_failure(exc, tracer, model) from exc
-        gm, tracer = _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc)
+        try:
+            gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
+        except Exception as exc:  # torch.fx raises many types; all are reported the same way
+            if not ctx.example_inputs:
+                raise _explain_failure(exc, tracer, model) from exc
+            gm, tracer = _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc)
+    finally:  # torch.fx stores tensor constants of the forward on the traced root: the user's model stays as it was
+        added = (set(model.__dict__) | set(model._buffers) | set(model._parameters)) - own
+        for name in added:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
     _fold_parameter_metadata(gm)
     _resolve_string_annotations(gm, model)
     for node in gm.graph.nodes:
