@@ -3,6 +3,8 @@
 * ``tests/`` is importable, so test files share the harness: ``from models import MODELS``, ``import oracle``.
 * One intra-op thread: the machine is shared, and results do not depend on the thread count.
 * Markers: ``torchao`` (uses torch.ao as an oracle; skipped when absent), ``slow``.
+* Hypothesis draws the same examples on every run (``derandomize``): CI runs once, so a test must not pass or
+  fail by chance; ``HYPOTHESIS_PROFILE=explore`` draws new ones.
 * Fixtures: ``torchao`` (the torch.ao.quantization module, or skip), ``torchao_lib`` / ``fxquant_lib``
   (:class:`oracle.Lib` drivers, or skip).
 """
@@ -19,6 +21,15 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 torch.set_num_threads(1)
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # (hypothesis is a test dependency; without it the property tests are not collected anyway)
+    pass
 
 
 def pytest_configure(config):

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import fxquant.fake_quantize as ff
@@ -55,7 +55,13 @@ NON_FUSED = [n for n in DEFAULTS if n not in FUSED]
 def test_fake_quant_forward_matches_torch_ao(data, name):
     ours, theirs = getattr(ff, name)(), _quiet(getattr(tfq, name))
     for x in data:
-        y, ty = _quiet(ours, x), _quiet(theirs, x)
+        y = _quiet(ours, x)
+        try:
+            ty = _quiet(theirs, x)
+        except AssertionError as err:  # torch.ao's moving average can put min one ulp above max on flat data
+            assert "should be less than max" in str(err)
+            assert torch.isfinite(y).all() and (ours.scale > 0).all()  # fxquant keeps min <= max and goes on
+            reject()
         assert same_bits(ours.scale, theirs.scale) and torch.equal(ours.zero_point, theirs.zero_point)
         assert same_bits(y, ty)
 

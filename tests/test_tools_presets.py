@@ -61,3 +61,27 @@ def test_import_object_and_inputs():
     assert as_inputs(x) == (x,) and as_inputs([x, x]) == (x, x)
     with pytest.raises(UserInputError, match="tensor or a tuple"):
         as_inputs({"x": x})
+
+
+def test_dynamic_preset_quantizes_a_linear_fused_with_its_relu():
+    # found on Hugging Face's T5: its feed-forward is Linear -> ReLU, which prepare_fx fuses before it reads the
+    # qconfigs; the preset named only nn.Linear, and the fused LinearReLU then had parts with different qconfigs
+    class FeedForward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wi, self.wo = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.wo(torch.relu(self.wi(x)))
+
+    torch.manual_seed(0)
+    model = FeedForward().eval()
+    x = torch.randn(4, 16)
+    prepared = fxquant.prepare_fx(model, qconfig_mapping_for("dynamic"), (x,))
+    prepared(x)
+    lowered = fxquant.convert_fx(prepared)
+    names = [type(m).__name__ for m in lowered.modules()]
+    assert names.count("LinearDynamic") == 2, names
+    with torch.no_grad():
+        err = (lowered(x) - model(x)).pow(2).mean() / model(x).pow(2).mean()
+    assert err < 1e-3

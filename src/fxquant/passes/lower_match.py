@@ -77,10 +77,16 @@ def attr_value(gm: fx.GraphModule, node: fx.Node) -> Any:
 
 
 def split_weighted(mod: nn.Module) -> tuple[Optional[nn.Module], str]:
-    """``(reference part, post-op)`` of a weighted module: itself with ``"none"``, or a fused container's first
-    part with ``"relu"``; ``(None, "")`` for anything else."""
+    """``(reference part, post-op)`` of a weighted module: itself with ``"none"``, a fused container's first
+    part with ``"relu"``, a conv that adds its second input (onednn's ConvAdd2d / ConvAddReLU2d) with ``"add"`` /
+    ``"add_relu"``; ``(None, "")`` for anything else."""
+    from ..nn.intrinsic import ConvAdd2d, ConvAddReLU2d
+
     if type(mod) in WEIGHTED_PARTS:
         return mod, "none"
+    if isinstance(mod, (ConvAdd2d, ConvAddReLU2d)):  # (before the relu case: ConvAddReLU2d holds a ReLU too)
+        return (mod[0], "add_relu" if isinstance(mod, ConvAddReLU2d) else "add") if type(mod[0]) in WEIGHTED_PARTS \
+            else (None, "")
     if isinstance(mod, nn.Sequential) and len(mod) == 2 and type(mod[0]) in WEIGHTED_PARTS \
             and isinstance(mod[1], nn.ReLU):
         return mod[0], "relu"

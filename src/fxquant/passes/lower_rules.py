@@ -11,7 +11,7 @@ quantize of the conv's own output, its rounding and its clamp to the observed ra
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -78,8 +78,30 @@ def _lowered_call(low: Lowering, m: dict[str, fx.Node], mod: nn.Module, args: tu
 FUSE_ADD_ACROSS_QUANTIZE = False
 
 
+_BINARY_POSTS = frozenset({"add", "add_relu"})
+
+
+def _module_other(low: Lowering, m: dict[str, fx.Node]) -> Optional[fx.Node]:
+    """The second input of a weighted module that adds it itself (ConvAdd2d / ConvAddReLU2d), else None."""
+    _, post = _part(low, m)
+    if post not in _BINARY_POSTS:
+        return None
+    args = tuple(m["mod"].args) + tuple(m["mod"].kwargs.values())
+    if len(args) != 2:
+        raise CannotLower(f"{type(low.module(m['mod'])).__name__} called with {len(args)} inputs, expected 2")
+    return args[1]  # type: ignore[return-value]
+
+
+def _unary_only(low: Lowering, m: dict[str, fx.Node]) -> str:
+    _, post = _part(low, m)
+    return f"{type(low.module(m['mod'])).__name__} adds a second input: only its static int8 form takes one" \
+        if post in _BINARY_POSTS else ""
+
+
 def _static_when(extra_post: str) -> Any:
     def when(low: Lowering, m: dict[str, fx.Node]) -> str:
+        from .lower_match import kind_of
+
         if "mid" in m and not FUSE_ADD_ACROSS_QUANTIZE:
             return ("the add reads the conv output after its own quantization (rounded and clamped to its observed "
                     "range); fusing would skip that clamp, so conv and add are lowered separately")
@@ -91,6 +113,14 @@ def _static_when(extra_post: str) -> Any:
         dtypes = {low.qparams(m["dq_x"]).dtype, low.qparams(m["out"]).dtype}
         if "dq_other" in m:
             dtypes.add(low.qparams(m["dq_other"]).dtype)
+        try:
+            other = _module_other(low, m)
+        except CannotLower as err:
+            return str(err)
+        if other is not None:
+            if kind_of(other, low.modules) != "dq":
+                return "the added input is not a statically quantized value"
+            dtypes.add(low.qparams(other).dtype)
         return "" if dtypes <= set(_INT_ACTIVATIONS) else f"activation dtypes {sorted(map(str, dtypes))}"
     return when
 
@@ -104,12 +134,13 @@ def _static_replace(extra_post: str) -> Any:
         options: dict[str, Any] = {"input_dtype": xq.dtype, "input_quant_min": lo, "input_quant_max": hi,
                                    "output_quant_min": out.quant_min, "output_quant_max": out.quant_max}
         args: tuple = (m["dq_x"].args[0],)
-        if "dq_other" in m:
-            oq = low.qparams(m["dq_other"])
-            olo, ohi = low.input_range(m["dq_other"])
+        other = m.get("dq_other") or _module_other(low, m)
+        if other is not None:
+            oq = low.qparams(other)
+            olo, ohi = low.input_range(other)
             options.update(other_scale=oq.scale, other_zero_point=oq.zero_point, other_dtype=oq.dtype,
                            other_quant_min=olo, other_quant_max=ohi)
-            args += (m["dq_other"].args[0],)
+            args += (other.args[0],)
         try:
             mod = STATIC_CLASSES[type(part)].from_reference(part, xq.scale, xq.zero_point, out.scale, out.zero_point,
                                                             output_dtype=out.dtype, post_op=post, **options)
@@ -121,6 +152,8 @@ def _static_replace(extra_post: str) -> Any:
 
 def _float_out_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     part, _ = _part(low, m)
+    if _unary_only(low, m):
+        return _unary_only(low, m)
     if type(part) not in STATIC_CLASSES:
         return f"no static int8 kernel for {type(part).__name__}"
     return "" if low.qparams(m["dq_x"]).dtype in _INT_ACTIVATIONS else "input is not uint8 / int8"
@@ -142,6 +175,8 @@ def _float_out_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
 # --------------------------------------------------------------------------------------------------- dynamic
 def _dynamic_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     part, _ = _part(low, m)
+    if _unary_only(low, m):
+        return _unary_only(low, m)
     chooser = m["qd"].args[1].args[0] if isinstance(m["qd"].args[1], fx.Node) else None
     if type(part) is not ref.Linear:
         return "" if type(part) in (ref.LSTM, ref.GRU) else f"no dynamic kernel for {type(part).__name__}"
@@ -167,6 +202,8 @@ def _dynamic_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
 # --------------------------------------------------------------------------------------------------- weight-only
 def _weight_only_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     part, _ = _part(low, m)
+    if _unary_only(low, m):
+        return _unary_only(low, m)
     first = m["mod"].args[0] if m["mod"].args else None
     from .lower_match import kind_of
 

@@ -44,8 +44,12 @@ def qconfig_mapping_for(preset: str, backend: str = "x86") -> Any:
         weight = obs.default_weight_observer if preset == "per-tensor" else obs.default_per_channel_weight_observer
         return get_default_qconfig_mapping(backend).set_global(QConfig(activation=act, weight=weight))
     if preset == "dynamic":
+        from ..nn import intrinsic as nni
+
         mapping = QConfigMapping()
-        for cls in _DYNAMIC_TYPES:
+        # the fused Linear + activation modules too: fusion runs first (a T5 feed-forward is Linear -> ReLU), and a
+        # fused module needs its parts' qconfigs to agree (the ReLU has none here) or one of its own
+        for cls in _DYNAMIC_TYPES + (nni.LinearReLU, nni.LinearLeakyReLU, nni.LinearTanh):
             mapping.set_object_type(cls, default_dynamic_qconfig)
         return mapping
     if preset == "weight-only":
