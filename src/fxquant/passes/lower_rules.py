@@ -152,8 +152,9 @@ def _static_replace(extra_post: str) -> Any:
 
 def _float_out_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     part, _ = _part(low, m)
-    if _unary_only(low, m):
-        return _unary_only(low, m)
+    reason = _unary_only(low, m)
+    if reason:
+        return reason
     if type(part) not in STATIC_CLASSES:
         return f"no static int8 kernel for {type(part).__name__}"
     return "" if low.qparams(m["dq_x"]).dtype in _INT_ACTIVATIONS else "input is not uint8 / int8"
@@ -175,8 +176,9 @@ def _float_out_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
 # --------------------------------------------------------------------------------------------------- dynamic
 def _dynamic_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     part, _ = _part(low, m)
-    if _unary_only(low, m):
-        return _unary_only(low, m)
+    reason = _unary_only(low, m)
+    if reason:
+        return reason
     chooser = m["qd"].args[1].args[0] if isinstance(m["qd"].args[1], fx.Node) else None
     if type(part) is not ref.Linear:
         return "" if type(part) in (ref.LSTM, ref.GRU) else f"no dynamic kernel for {type(part).__name__}"
@@ -202,8 +204,9 @@ def _dynamic_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
 # --------------------------------------------------------------------------------------------------- weight-only
 def _weight_only_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     part, _ = _part(low, m)
-    if _unary_only(low, m):
-        return _unary_only(low, m)
+    reason = _unary_only(low, m)
+    if reason:
+        return reason
     first = m["mod"].args[0] if m["mod"].args else None
     from .lower_match import kind_of
 
