@@ -136,7 +136,18 @@ def _unmatched_reason(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "qconfig is None (the QConfigMapping leaves it in float)"
     what = type(modules[str(node.target)]).__name__ if node.op == "call_module" else getattr(
         node.target, "__name__", str(node.target))
-    return f"the backend has no pattern for {what}"
+    reason = f"the backend has no pattern for {what}"
+    mod = modules.get(str(node.target)) if node.op == "call_module" else None
+    inner = sorted({type(m).__name__ for m in mod.modules() if m is not mod and isinstance(m, _WEIGHTED_INSIDE)}) \
+        if mod is not None else []
+    if inner:  # a torch.nn container torch.fx keeps whole (nn.Transformer*, ...): say what stays float and how
+        reason += (f"; it runs whole, so its {', '.join(inner)} layers stay float too (torch.fx keeps torch.nn "
+                   f"modules as leaves, as torch.ao does); to quantize them, build the block from its layers in a "
+                   f"module of your own")
+    return reason
+
+
+_WEIGHTED_INSIDE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @register_pass("annotate")
