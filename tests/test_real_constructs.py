@@ -727,6 +727,68 @@ def test_max_pools_after_1d_and_3d_convs_run_on_the_integers(model, shape) -> No
     assert all(n.args[0].op != "call_function" or "dequantize" not in str(n.args[0].target) for n in pools)
 
 
+class _MaskedEncoder(nn.Module):  # nn.TransformerEncoder with a causal mask and a padding mask
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.1)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) == float("-inf")
+        return self.enc(x, mask=causal, src_key_padding_mask=pad)
+
+
+class _Seq2Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.t(src, tgt)
+
+
+def _encoder_inputs(seed: int, batch: int = 2, seq: int = 10) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    pad = torch.zeros(batch, seq, dtype=torch.bool)
+    pad[-1, seq - 3:] = True
+    return torch.randn(batch, seq, 32, generator=gen), pad
+
+
+def _seq2seq_inputs(seed: int, batch: int = 2, seq: int = 10) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, 32, generator=gen), torch.randn(batch, seq - 3, 32, generator=gen)
+
+
+@pytest.mark.parametrize("model, inputs", ((_MaskedEncoder, _encoder_inputs), (_Seq2Seq, _seq2seq_inputs)))
+def test_torch_nn_transformers_are_traced_into_and_their_linears_quantized(model, inputs, tmp_path) -> None:
+    # torch.ao keeps nn.Transformer* whole (torch.nn leaves), so their feed-forward layers stay float
+    torch.manual_seed(0)
+    net = model().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference, lowered = _quantize_all(net, inputs)
+    linears = [m for m in lowered.modules() if type(m).__module__.startswith("fxquant") and type(m).__name__ == "Linear"]
+    assert len(linears) >= 4, lowered  # linear1 / linear2 of every layer
+    with torch.no_grad():
+        # another batch size (the causal mask's size is fixed to the example's sequence: checked at run time)
+        for args in (inputs(5), inputs(6, batch=3, seq=10 if model is _MaskedEncoder else 13)):
+            assert _sqnr(net(*args), lowered(*args)) > 20.0
+    torch.save(lowered, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(*inputs(5)), lowered(*inputs(5)))
+
+
+def test_a_torch_nn_transformer_that_cannot_be_traced_into_runs_whole_with_a_warning() -> None:
+    # fuse_fx has no example inputs, and nn.TransformerEncoder's forward checks sizes in Python
+    net = _MaskedEncoder().eval()
+    with pytest.warns(UserWarning, match="could not trace into TransformerEncoder"):
+        fused = fxquant.fuse_fx(net)
+    assert any(isinstance(m, nn.TransformerEncoder) for m in fused.modules())
+    with torch.no_grad():
+        args = _encoder_inputs(1)
+        assert torch.equal(fused(*args), net(*args))
+
+
 # torchvision's stochastic depth, as torchvision declares it (a torch.fx-wrapped function of torchvision.ops), written
 # out here: in eval mode it returns its input
 def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:

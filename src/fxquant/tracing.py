@@ -29,6 +29,7 @@ import traceback
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
@@ -39,7 +40,7 @@ __all__ = ["trace_with_inputs", "concrete_trace", "ConcreteTracer", "GraphCodeTr
 
 # tensor attributes that are constants of a traced graph: returned as the example's values, never recorded
 _STATIC_ATTRS = frozenset({"dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout",
-                           "requires_grad", "is_floating_point"})
+                           "requires_grad", "is_floating_point", "is_nested", "is_cpu", "is_meta", "is_mkldnn"})
 # ops whose result depends on sizes only, never on tensor data
 _SIZE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
 _SIZE_ATTRS = frozenset({"shape"})
@@ -94,6 +95,8 @@ class _CodeProxy(fx.Proxy):
 
 # torch functions that cannot take traced values as torch.fx expects (see ConcreteTracer.trace)
 _RECORDED = ("tensor", "ones", "zeros", "empty", "rand", "randn")
+# torch.nn.functional helpers that inspect their tensor arguments with isinstance / Python bools (nn.Transformer*)
+_RECORDED_F = ("_canonical_mask",)
 
 
 def _holds_proxy(data: Any) -> bool:
@@ -127,14 +130,19 @@ class _RecordsFactories:
     before any proxy can intercept it."""
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
-        originals = {name: getattr(torch, name) for name in _RECORDED}
-        for name, fn in originals.items():
-            setattr(torch, name, self._recording(fn))
+        originals = [(torch, name, getattr(torch, name)) for name in _RECORDED]
+        originals += [(F, name, getattr(F, name)) for name in _RECORDED_F if hasattr(F, name)]
+        for owner, name, fn in originals:
+            setattr(owner, name, self._recording(fn))
+        none_or_dtype = getattr(F, "_none_or_dtype", None)
+        if none_or_dtype is not None:  # nn.Transformer*: `F._none_or_dtype(mask)` checks isinstance(mask, Tensor)
+            originals.append((F, "_none_or_dtype", none_or_dtype))
+            F._none_or_dtype = lambda x: x.dtype if isinstance(x, fx.Proxy) else none_or_dtype(x)
         try:
             return super().trace(root, concrete_args)  # type: ignore[misc,no-any-return]
         finally:
-            for name, fn in originals.items():
-                setattr(torch, name, fn)
+            for owner, name, fn in originals:
+                setattr(owner, name, fn)
 
     def _recording(self, fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:

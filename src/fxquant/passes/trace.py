@@ -37,6 +37,13 @@ def _is_library_module(m: nn.Module) -> bool:
         and not isinstance(m, nn.Sequential)
 
 
+# torch.nn containers traced into (torch.ao keeps them whole, in float): their feed-forward Linear layers are most of
+# a transformer's work. Their forward checks sizes in Python (`src.dim() == 3`), so models holding them are traced on
+# the example inputs (fxquant.tracing); nn.MultiheadAttention inside stays a leaf.
+TRACED_INTO: tuple[type, ...] = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                                 nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 class QuantizationTracer(fx.Tracer):
     """A tracer that keeps torch.nn / fxquant modules and user-listed modules as leaves and records scopes."""
 
@@ -46,10 +53,13 @@ class QuantizationTracer(fx.Tracer):
         self.skipped_classes = tuple(skipped_classes)
         self.path_stack: list[tuple[str, type]] = []
         self.failure_stack: Optional[list[tuple[str, type]]] = None  # the module stack when tracing failed
+        self.traced_into: tuple[type, ...] = ()  # torch.nn classes traced into (symbolic_trace: TRACED_INTO)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (_is_library_module(m) or module_qualified_name in self.skipped_names
-                or (bool(self.skipped_classes) and isinstance(m, self.skipped_classes)))
+        if module_qualified_name in self.skipped_names or (bool(self.skipped_classes)
+                                                           and isinstance(m, self.skipped_classes)):
+            return True
+        return _is_library_module(m) and not isinstance(m, self.traced_into)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         path = self.path_of_module(m)
@@ -155,30 +165,47 @@ def _graph_leaves(model: nn.Module) -> list[str]:
 def symbolic_trace(model: nn.Module, ctx: Context) -> fx.GraphModule:
     """Trace ``model`` with :class:`QuantizationTracer`; where torch.fx fails and example inputs are given, again
     with :class:`fxquant.tracing.ConcreteTracer` (sizes the code needs as Python values fixed to the example's,
-    with a warning); clear errors on failure."""
+    with a warning); clear errors on failure. The containers of :data:`TRACED_INTO` are traced into; where that
+    fails they are kept whole (in float, with a warning), as torch.ao keeps them."""
     names, classes = _custom_config_lists(ctx)
     names += _graph_leaves(model)
-    tracer = QuantizationTracer(names, classes)
-    # a GraphModule reads buffers as explicit get_attr nodes (`self.ids[:, :n]`): keep them nodes when re-tracing
-    tracer.proxy_buffer_attributes = isinstance(model, fx.GraphModule)
-    own = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+    containers = sorted({type(m).__name__ for m in model.modules() if isinstance(m, TRACED_INTO)}) \
+        if not isinstance(model, fx.GraphModule) else []
     try:
-        try:
-            gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
-        except Exception as exc:  # torch.fx raises many types; all are reported the same way
-            if not ctx.example_inputs:
-                raise _explain_failure(exc, tracer, model) from exc
-            gm, tracer = _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc)
-    finally:  # torch.fx stores tensor constants of the forward on the traced root: the user's model stays as it was
-        added = (set(model.__dict__) | set(model._buffers) | set(model._parameters)) - own
-        for name in added:
-            if name.startswith("_tensor_constant"):
-                delattr(model, name)
+        gm, tracer = _trace(model, ctx, names, classes, TRACED_INTO)
+    except Exception as exc:
+        if not containers:
+            raise
+        gm, tracer = _trace(model, ctx, names, classes, ())
+        why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        warnings.warn(f"fxquant: could not trace into {', '.join(containers)} ({why}); they run whole, in float, "
+                      f"as in torch.ao", stacklevel=6)
     _fold_parameter_metadata(gm)
     _resolve_string_annotations(gm, model)
     for node in gm.graph.nodes:
         node.meta["fxquant_scope"] = tracer.node_name_to_scope.get(node.name, ("", type(model)))
     return gm
+
+
+def _trace(model: nn.Module, ctx: Context, names: list[str], classes: list[type],
+           traced_into: tuple[type, ...]) -> tuple[fx.GraphModule, QuantizationTracer]:
+    tracer = QuantizationTracer(names, classes)
+    tracer.traced_into = traced_into
+    # a GraphModule reads buffers as explicit get_attr nodes (`self.ids[:, :n]`): keep them nodes when re-tracing
+    tracer.proxy_buffer_attributes = isinstance(model, fx.GraphModule)
+    own = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+    try:
+        try:
+            return fx.GraphModule(model, tracer.trace(model), type(model).__name__), tracer
+        except Exception as exc:  # torch.fx raises many types; all are reported the same way
+            if not ctx.example_inputs:
+                raise _explain_failure(exc, tracer, model) from exc
+            return _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc, traced_into)
+    finally:  # torch.fx stores tensor constants of the forward on the traced root: the user's model stays as it was
+        added = (set(model.__dict__) | set(model._buffers) | set(model._parameters)) - own
+        for name in added:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
 
 
 def _resolve_string_annotations(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -236,10 +263,11 @@ def _fold_parameter_metadata(gm: fx.GraphModule) -> None:
 
 
 def _trace_on_inputs(model: nn.Module, names: list[str], classes: list[type], example_inputs: tuple,
-                     first: Exception) -> tuple[fx.GraphModule, QuantizationTracer]:
+                     first: Exception, traced_into: tuple[type, ...] = ()) -> tuple[fx.GraphModule, QuantizationTracer]:
     from ..tracing import ConcreteTracer, concrete_trace
 
     tracer = ConcreteTracer(example_inputs, names, classes)
+    tracer.traced_into = traced_into
     try:
         gm = concrete_trace(tracer, model)
     except Exception as exc:  # still untraceable: report where the example-driven trace stopped
