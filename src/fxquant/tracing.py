@@ -94,7 +94,7 @@ class _CodeProxy(fx.Proxy):
 
 
 # torch functions that cannot take traced values as torch.fx expects (see ConcreteTracer.trace)
-_RECORDED = ("tensor", "ones", "zeros", "empty", "rand", "randn")
+_RECORDED = ("tensor", "ones", "zeros", "empty", "rand", "randn", "full", "arange")
 # torch.nn.functional helpers that inspect their tensor arguments with isinstance / Python bools (nn.Transformer*)
 _RECORDED_F = ("_canonical_mask",)
 
