@@ -64,25 +64,9 @@ class _Concrete:
         return float(self.tracer.python_value(self, "float()"))
 
 
-class ConcreteProxy(_Concrete, fx.Proxy):
-    def __getattr__(self, k: str) -> Any:
-        if k.startswith("__") and k.endswith("__"):  # protocol probes (`__cuda_array_interface__`, ...): not ops
-            raise AttributeError(k)
-        if k in _STATIC_ATTRS:
-            value = getattr(self.tracer.value_of(self), k)
-            return value() if k == "is_floating_point" else value
-        return ConcreteAttribute(self, k)
-
-    def __setitem__(self, index: Any, value: Any) -> None:  # `y[:, 1:] = x[:, :-1]`: an in-place node
-        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
-
-
-class ConcreteAttribute(_Concrete, Attribute):
-    pass
-
-
 class _CodeProxy(fx.Proxy):
-    """A proxy for re-tracing generated code: in-place item assignment is a node, protocol probes are not."""
+    """A proxy whose in-place item assignment is a node (`y[:, 1:] = x[:, :-1]`) and whose protocol probes
+    (`__cuda_array_interface__`, ...) are not ops; :class:`GraphCodeTracer` re-traces generated code with it."""
 
     def __getattr__(self, k: str) -> Any:
         if k.startswith("__") and k.endswith("__"):
@@ -91,6 +75,20 @@ class _CodeProxy(fx.Proxy):
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+class ConcreteProxy(_Concrete, _CodeProxy):
+    def __getattr__(self, k: str) -> Any:
+        if k.startswith("__") and k.endswith("__"):
+            raise AttributeError(k)
+        if k in _STATIC_ATTRS:
+            value = getattr(self.tracer.value_of(self), k)
+            return value() if k == "is_floating_point" else value
+        return ConcreteAttribute(self, k)
+
+
+class ConcreteAttribute(_Concrete, Attribute):
+    pass
 
 
 # torch functions that cannot take traced values as torch.fx expects (see ConcreteTracer.trace)

@@ -161,7 +161,7 @@ def _pool_index_dtype(x: torch.Tensor, rank: int) -> torch.dtype:
 def max_pool3d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``F.max_pool3d`` for integer tensors in any layout (same arguments): torch 2.13's channels-last-3d kernel
     rejects uint8 / int8 input of any size (index type = element type), so a non-contiguous integer input goes
-    through int16."""
+    through int16 / int32 (:func:`_pool_index_dtype`)."""
     if torch.overrides.has_torch_function_unary(x):
         return torch.overrides.handle_torch_function(max_pool3d, (x,), x, *args, **kwargs)  # type: ignore[no-any-return]
     if x.dtype in RANGES and not x.is_contiguous():

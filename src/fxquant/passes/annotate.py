@@ -140,7 +140,7 @@ def _unmatched_reason(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     mod = modules.get(str(node.target)) if node.op == "call_module" else None
     inner = sorted({type(m).__name__ for m in mod.modules() if m is not mod and isinstance(m, _WEIGHTED_INSIDE)}) \
         if mod is not None else []
-    if inner:  # a torch.nn container torch.fx keeps whole (nn.Transformer*, ...): say what stays float and how
+    if inner:  # a torch.nn container kept whole (nn.MultiheadAttention, ...): say what stays float and how
         reason += (f"; it runs whole, so its {', '.join(inner)} layers stay float too (torch.fx keeps torch.nn "
                    f"modules as leaves, as torch.ao does); to quantize them, build the block from its layers in a "
                    f"module of your own")
