@@ -34,10 +34,10 @@ PassFn = Callable[[nn.Module, "Context"], nn.Module]
 PASSES: dict[str, PassFn] = {}
 
 FUSE = ("trace", "fuse")
-PREPARE = ("trace", "fuse", "assign_qconfig", "special_modules", "annotate", "share", "observe", "quantized_io",
-           "record_state", "verify_prepared")
-PREPARE_QAT = ("trace", "fuse", "assign_qconfig", "qat_swap", "special_modules", "annotate", "share", "observe",
-               "quantized_io", "record_state", "verify_prepared")
+PREPARE = ("trace", "fuse", "assign_qconfig", "addmm_as_linear", "special_modules", "annotate", "share", "observe",
+           "quantized_io", "record_state", "verify_prepared")
+PREPARE_QAT = ("trace", "fuse", "assign_qconfig", "addmm_as_linear", "qat_swap", "special_modules", "annotate",
+               "share", "observe", "quantized_io", "record_state", "verify_prepared")
 REFERENCE = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference")
 # convert_fx; lowering passes join this tuple as they land (see passes/lower*.py)
 CONVERT = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference", "lower", "cleanup",

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from ..nn.quantized import reference as ref
 from .lower_build import Lowering, Rule
+from .to_reference import constant_value
 from .lower_match import Pat, attr_value, kind_of
 from .lower_ops import (IDENTITY_FUNCTIONS_BY_NAME, IDENTITY_OPS, INTEGER_KERNELS, INTEGER_OPS, RENAMED_METHODS,
                         SHAPE_QUERIES, qualified_name)
@@ -141,13 +142,28 @@ def _functional_args(node: fx.Node) -> dict[str, Any]:
 def _functional_when(low: Lowering, m: dict[str, fx.Node]) -> str:
     args = _functional_args(m["out"])
     w, b = args.get("weight"), args.get("bias")
-    if kind_of(args.get("input"), low.modules) != "dq":
+    kind = kind_of(args.get("input"), low.modules)
+    if kind != "dq" and not (m["out"].target is F.linear and kind != "q"):  # linear: dynamic / weight-only rules too
         return "input is not statically quantized"
-    if not (isinstance(w, fx.Node) and w.target in (_OPS.dequantize_per_channel.default,
-                                                     _OPS.dequantize_per_tensor.default)
-            and isinstance(w.args[0], fx.Node) and w.args[0].op == "get_attr"):
+    int_weight = isinstance(w, fx.Node) and w.target in (_OPS.dequantize_per_channel.default,
+                                                          _OPS.dequantize_per_tensor.default) \
+        and isinstance(w.args[0], fx.Node) and w.args[0].op == "get_attr"
+    if not int_weight and (m["out"].target is not F.linear or _float16_weight(low, w) is None):
         return "weight is not a quantized constant"
     return "" if b is None or (isinstance(b, fx.Node) and b.op == "get_attr") else "bias is not a constant"
+
+
+def _float16_weight(low: Lowering, w: Any) -> Optional[torch.Tensor]:
+    """The float value of a float16 weight cast: ``w.to(float16).to(float32)`` of a constant (float16 recipes)."""
+    casts = []
+    while isinstance(w, fx.Node) and w.op == "call_method" and w.target == "to" and len(w.args) == 2 \
+            and not w.kwargs and len(casts) < 2:
+        casts.append(w.args[1])
+        w = w.args[0]
+    if casts != [torch.float32, torch.float16]:
+        return None
+    found = constant_value(low.gm, w)
+    return None if found is None else found[0].detach().to(torch.float16).to(torch.float32)
 
 
 def _functional_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
@@ -155,6 +171,15 @@ def _functional_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     args = _functional_args(node)
     float_cls, ref_cls, _ = _FUNCTIONAL[node.target]
     w = args["weight"]
+    half = _float16_weight(low, w) if node.target is F.linear else None
+    if half is not None:  # float16 weight-only: the reference module casts the weight as the graph did
+        float_mod = nn.Linear(half.shape[1], half.shape[0], args["bias"] is not None)
+        with torch.no_grad():
+            float_mod.weight.copy_(half)
+            if args["bias"] is not None:
+                float_mod.bias.copy_(attr_value(low.gm, args["bias"]))
+        mod = ref_cls.from_float(float_mod, {"qscheme": None, "dtype": torch.float16})
+        return low.call_module(node, f"{node.name}", mod, (args["input"],))
     w_int, scale, zp = (attr_value(low.gm, a) for a in w.args[:3])
     per_channel = w.target == _OPS.dequantize_per_channel.default
     qmin, qmax, dtype = w.args[-3:]

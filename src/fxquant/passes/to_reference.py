@@ -29,7 +29,7 @@ from .common import delete_unused_submodules, get_state, is_observer, set_module
 from .convert_builder import GraphBuilder
 from .convert_weights import WeightQParams, weight_qparams_of
 
-__all__ = ["to_reference", "weight_qparams_of", "ConvertError", "OBSERVED_RANGE"]
+__all__ = ["to_reference", "weight_qparams_of", "ConvertError", "OBSERVED_RANGE", "constant_value"]
 
 OBSERVED_RANGE = "fxquant_observed_range"  # node.meta key on quantize nodes: (quant_min, quant_max) of the observer
 
@@ -50,12 +50,13 @@ def _static(b: GraphBuilder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) 
     qmin, qmax = dtype_range(dtype)
     s_name, z_name = b.qparams(obs, src.name)
     per_channel = _is_per_channel(obs)
-    if src.op == "get_attr":  # a constant (weight): quantize now, keep only the dequantize
-        value = _fetch_attr(b.gm, str(src.target))  # a parameter, a buffer or a plain tensor attribute
+    constant = constant_value(b.gm, src)
+    if constant is not None:  # a constant (weight, or a view of one): quantize now, keep only the dequantize
+        value, root = constant
         scale, zp = getattr(b.gm, s_name), getattr(b.gm, z_name)
         q = (ops.quantize_per_channel(value.detach(), scale, zp, obs.ch_axis, qmin, qmax, dtype) if per_channel
              else ops.quantize_per_tensor(value.detach(), scale, zp, qmin, qmax, dtype))
-        src = b.get_attr(b.buffer(f"{str(src.target).replace('.', '_')}_int", q))
+        src = b.get_attr(b.buffer(f"{str(root.target).replace('.', '_')}_int", q.contiguous()))
         return _dequant(b, src, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
     if per_channel:
         qnode = b.call(ops.quantize_per_channel.default, (
@@ -67,6 +68,36 @@ def _static(b: GraphBuilder, node: fx.Node, obs: nn.Module, dtype: torch.dtype) 
     # narrower range (x86 reduce_range: 0..127), which kernels without VNNI need to stay exact.
     qnode.meta[OBSERVED_RANGE] = (getattr(obs, "quant_min", qmin), getattr(obs, "quant_max", qmax))
     return _dequant(b, qnode, s_name, z_name, qmin, qmax, dtype, obs if per_channel else None)
+
+
+# ops that only re-view a tensor: a chain of them over a get_attr is a constant the conversion may evaluate
+_VIEW_METHODS = frozenset({"t", "transpose", "permute", "contiguous", "reshape", "view", "flatten", "squeeze",
+                           "unsqueeze", "detach"})
+_VIEW_FUNCTIONS = frozenset({torch.t, torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze,
+                             torch.unsqueeze, torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.permute})
+
+
+def constant_value(gm: fx.GraphModule, node: Any) -> Optional[tuple[torch.Tensor, fx.Node]]:
+    """``(value, get_attr node)`` when ``node`` reads a tensor attribute, directly or through view ops with
+    constant arguments (``self.weight.t()``: Hugging Face's ``Conv1D`` rewritten as ``F.linear``), else None."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        view = (node.op == "call_method" and node.target in _VIEW_METHODS) or \
+            (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        rest = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if not view or rest or not node.args:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    value = _fetch_attr(gm, str(node.target))
+    if not isinstance(value, torch.Tensor):
+        return None
+    for step in reversed(chain):
+        fn = getattr(torch.Tensor, step.target) if step.op == "call_method" else step.target
+        value = fn(value, *step.args[1:], **step.kwargs)
+    return value, node
 
 
 def _fetch_attr(root: nn.Module, target: str) -> torch.Tensor:
