@@ -146,3 +146,12 @@ def test_qat_trains_the_conv1d_weight_through_the_rewrite() -> None:
         warnings.simplefilter("ignore")
         lowered = fxquant.convert_fx(qat.eval())
     assert sum(type(m) is fnn.quantized.Linear for m in lowered.modules()) == 2
+
+
+def test_dynamic_preset_quantizes_conv1d_and_functional_linears() -> None:
+    from fxquant.tools.presets import qconfig_mapping_for
+
+    _, reference, lowered = _convert(MLP(), qconfig_mapping_for("dynamic", "x86"))
+    assert sum(type(m) is fnn.quantized.LinearDynamic for m in lowered.modules()) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(_inputs(5)), reference(_inputs(5)), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ preset          what it quantizes
 default         ``get_default_qconfig_mapping(backend)`` (x86: histogram activations 0..127, per-channel weights)
 per-tensor      the default mapping with per-tensor symmetric int8 weights for every op
 histogram       HistogramObserver activations and per-channel weights everywhere (x86's default, explicit)
-dynamic         nn.Linear / LSTM / GRU / RNN cells with int8 weights, activations quantized per batch at run time
+dynamic         nn.Linear / F.linear / LSTM / GRU / RNN cells with int8 weights, activations quantized per batch at
+                run time; ``torch.addmm`` of a constant weight too (Hugging Face's Conv1D, rewritten as a linear)
 weight-only     nn.Embedding / nn.EmbeddingBag rows as uint8 with float scale / offset; everything else float
 ==============  ==============================================================================================
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["PRESETS", "BACKENDS", "qconfig_mapping_for", "backend_config_for", "skip_modules"]
@@ -51,6 +54,8 @@ def qconfig_mapping_for(preset: str, backend: str = "x86") -> Any:
         # fused module needs its parts' qconfigs to agree (the ReLU has none here) or one of its own
         for cls in _DYNAMIC_TYPES + (nni.LinearReLU, nni.LinearLeakyReLU, nni.LinearTanh):
             mapping.set_object_type(cls, default_dynamic_qconfig)
+        for fn in (F.linear, torch.addmm):  # functional linears; addmm(b, x, W) becomes one (passes/addmm_as_linear)
+            mapping.set_object_type(fn, default_dynamic_qconfig)
         return mapping
     if preset == "weight-only":
         return (QConfigMapping().set_object_type(nn.Embedding, float_qparams_weight_only_qconfig)
