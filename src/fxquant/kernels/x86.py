@@ -6,7 +6,9 @@ data. The figures behind them come from ``bench/bench_kernels.py`` (one thread, 
 an AVX2 CPU without VNNI (AMD EPYC, torch 2.13 CPU); ratios are fp32 time / int8 time:
 
 =========================  =========================================================================================
-static linear, M=1         onednn 0.41-0.55x, float path 0.33-0.49x (K=N=512; torch._int_mm 0.12x): a tie -> float
+static linear, M=1         onednn 0.41-0.55x, float path 0.33-0.49x (K=N=512; torch._int_mm 0.12x): a tie -> float;
+                           (2026) the float path's weight integers in float16 (fbgemm's fp16 GEMM, exact): 67 vs
+                           143 us at 1280 -> 1000, 34 vs 76 at 576 -> 1024 -> "fp16_gemm" up to 8 rows, 2^18 MACs
 static linear, M=4..64     onednn 1.0-1.7x, float path 0.6-0.9x (K=N=512)
 static linear, M>=128      onednn 1.3-5x (K,N 768..3072); full-range input split in two: 0.9-1.4x, float 0.9x
 dynamic linear             onednn incl. run-time quantization: 0.17x (M=1), 0.67x (M=16), 1.16x (M=128,
@@ -44,6 +46,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from . import fp16_gemm
 
 __all__ = ["Facts", "Rule", "RULES", "CONDITIONS", "choose", "cpu_has_vnni", "cpu_has_avx512", "onednn_available"]
 
@@ -110,6 +114,7 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "avx512": lambda f, v: cpu_has_avx512() == v,
     "compiling": lambda f, v: f.compiling == v,
     "max_table_bytes": lambda f, v: f.table_bytes <= v,
+    "fp16_gemm": lambda f, v: fp16_gemm.available() == v,
 }
 
 
@@ -127,6 +132,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "linear": (
         Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "macs_unknown_or_at_least": 2**20, "exact_u8s8": True}),
         Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
+        Rule("fp16_gemm", {"device": "cpu", "compiling": False, "max_rows": 8, "min_macs": 2**18, "fp16_gemm": True}),
         Rule("float"),
     ),
     "conv": (

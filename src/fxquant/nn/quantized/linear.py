@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import dynamic, onednn, portable, uint8, x86
+from fxquant.kernels import dynamic, fp16_gemm, onednn, portable, uint8, x86
 from fxquant.nn.quantized._base import QuantizedModuleBase, act_spec
 from fxquant.nn.quantized._lowering import dynamic_qparams, from_reference_args, reference_weight
 
@@ -160,8 +160,43 @@ def _float_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, spec.quant_max, spec.dtype)
 
 
+def _integer_weight(mod: Linear) -> torch.Tensor | None:
+    """``weight_int - zero_point`` as float32 (small integers), or None for weights quantized along another axis."""
+    spec = mod.weight_spec
+    if spec.granularity not in ("per_tensor", "per_channel") or (spec.granularity == "per_channel" and spec.axis != 0):
+        return None
+    zp = mod.weight_zero_point.to(torch.float32).reshape(-1, 1)
+    return mod.weight_int.to(torch.float32) - zp
+
+
+def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The float plan's math with the weight's integers in float16 (:mod:`fxquant.kernels.fp16_gemm`: half the
+    bytes of fp32 weights, exact): ``finish(addcmul(b', q.float() @ W_int.T, s_w * s_in / s_out))``."""
+    w_int = _integer_weight(mod)
+    if w_int is None:
+        return _float_plan(mod)
+    packed = mod._cached("fp16_gemm", lambda: fp16_gemm.pack(w_int))
+    zeros = torch.zeros(mod.out_features)
+    s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
+    k = mod._weight_scale_per_channel(mod.out_features) * s_in
+    b = -zp_in * (mod.float_weight() * s_in).sum(1) + (0.0 if mod.bias is None else mod.bias)
+    spec, n_in, n_out = mod.output_spec, mod.in_features, mod.out_features
+
+    def gemm(x: torch.Tensor) -> torch.Tensor:
+        y = fp16_gemm.linear(x.reshape(-1, n_in).to(torch.float32), packed, zeros)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+    if spec.dtype.is_floating_point:
+        post = portable.UNARY_POST_OPS[mod.post_op]
+        return lambda x, other: post(torch.addcmul(b, gemm(x), k))
+    inv = 1.0 / float(mod.output_scale)
+    zp_out = int(mod.output_zero_point)
+    k, b = k * inv, b * inv + zp_out
+    lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
+    return lambda x, other: uint8.finish(torch.addcmul(b, gemm(x), k), lo, spec.quant_max, spec.dtype)
+
+
 _PLANS: dict[str, Callable[[Linear], Callable[[torch.Tensor, Any], torch.Tensor]]] = {
-    "onednn": _onednn_plan, "float": _float_plan}
+    "onednn": _onednn_plan, "float": _float_plan, "fp16_gemm": _fp16_gemm_plan}
 _PLANNED_POST_OPS = frozenset({"none", "relu"})
 
 
@@ -180,7 +215,8 @@ def _split_kernel(mod: Linear, x: torch.Tensor, other: Any, acts: _Acts) -> torc
 
 
 _STATIC_KERNELS: dict[str, Callable[[Linear, torch.Tensor, Any, _Acts], torch.Tensor]] = {
-    "float": _float_kernel, "onednn": _onednn_kernel, "onednn_split": _split_kernel}
+    "float": _float_kernel, "onednn": _onednn_kernel, "onednn_split": _split_kernel,
+    "fp16_gemm": _float_kernel}  # (post-ops other than relu: the plain float kernel)
 
 
 class LinearDynamic(Linear):
