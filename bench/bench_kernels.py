@@ -23,6 +23,7 @@ from torch import nn
 
 import fxquant.nn.quantized as Q
 import fxquant.nn.quantized.reference as R
+from fxquant.kernels import fp16_gemm
 from fxquant.nn.quantized import conv as conv_mod
 from fxquant.nn.quantized import linear as linear_mod
 
@@ -88,6 +89,9 @@ def bench_linear(repeats: int) -> None:
             for kernel in kernels:
                 fn = linear_mod._STATIC_KERNELS[kernel]
                 fns[f"{kernel}(0..{qmax})"] = functools.partial(fn, mod, qx, None, mod._act)
+            if qmax == 127 and m <= 8 and fp16_gemm.available():  # the few-row plans, as the module runs them
+                fns["float_plan(0..127)"] = functools.partial(linear_mod._float_plan(mod), qx, None)
+                fns["fp16_gemm_plan(0..127)"] = functools.partial(linear_mod._fp16_gemm_plan(mod), qx, None)
         report_all("linear", f"M={m} K={k} N={n}", compare_us(fns, repeats))
 
 
@@ -117,10 +121,21 @@ def bench_weight_only(repeats: int) -> None:
         x, w = torch.randn(m, k), torch.randn(n, k)
         qw, ws = _qweight(n, k)
         fp32 = median_us(lambda: F.linear(x, w), repeats)
+        module = Q.LinearWeightOnly.from_reference(_weight_only_reference(qw, ws))  # the kernel its rules pick
         report("weight_only", f"M={m} K={k} N={n}", fp32, {
             "dequant+mm": median_us(lambda: F.linear(x, qw.float() * ws[:, None]), repeats),
             "int8pack_mm": median_us(lambda: torch.ops.aten._weight_int8pack_mm(x, qw, ws), max(3, repeats // 5)),
+            "LinearWeightOnly": median_us(lambda: module(x), repeats),
         })
+
+
+def _weight_only_reference(qw: torch.Tensor, ws: torch.Tensor) -> Any:
+    lin = torch.nn.Linear(qw.shape[1], qw.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(qw.float() * ws[:, None])
+    qparams = {"qscheme": torch.per_channel_affine, "dtype": torch.int8, "scale": ws,
+               "zero_point": torch.zeros(len(ws), dtype=torch.long), "axis": 0, "quant_min": -128, "quant_max": 127}
+    return R.Linear.from_float(lin, qparams)
 
 
 def bench_conv(repeats: int) -> None:

@@ -73,3 +73,17 @@ def test_rules_send_large_single_rows_to_fp16_gemm_and_the_module_runs_it() -> N
     assert torch.equal(got, linear_mod._fp16_gemm_plan(mod)(x_q, None))
     assert "fp16_gemm" in mod._kernel_cache  # the packed weight: a cache, outside the state dict
     assert not any("fp16" in k for k in mod.state_dict())
+
+
+@needs_fp16_gemm
+@pytest.mark.parametrize("shape", [(1, 1280), (2, 3, 1280)])
+def test_weight_only_linear_at_few_rows_uses_fp16_gemm_and_matches_the_reference(shape: tuple) -> None:
+    ref = _reference(1000, 1280, per_channel=True)
+    mod = Q.LinearWeightOnly.from_reference(ref, post_op="relu")
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = F.relu(ref(x))
+    got = mod(x)
+    assert "fp16_gemm" in mod._kernel_cache
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(mod.float_weight(), ref.get_weight() * 1.001)  # (the weight is the reference's)

@@ -301,7 +301,9 @@ class LinearDynamic(Linear):
 class LinearWeightOnly(Linear):
     """Float in, float out, int8 per-channel weights: ``F.linear(x, dequantize(weight), bias)``.
 
-    Kernel: ``aten._weight_int8pack_mm`` where it is fast (AVX512), else a cached dequantized weight.
+    Kernel: ``aten._weight_int8pack_mm`` where it is fast (AVX512); at a few rows of large layers the int8
+    integers as float16 through fbgemm's fp16 GEMM (:mod:`fxquant.kernels.fp16_gemm`, scales applied to the
+    outputs); else a cached dequantized weight.
     """
 
     _OP = "linear_weight_only"
@@ -317,11 +319,25 @@ class LinearWeightOnly(Linear):
         return mod
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        facts = x86.Facts(device=x.device.type, rows=x.numel() // max(self.in_features, 1),
-                          compiling=torch.compiler.is_compiling())
-        usable = self._symmetric_int8_weight() and x.dtype == torch.float32
-        kernel = x86.choose("linear_weight_only", facts) if usable else "float"
-        if kernel == "int8pack_mm":
+        rows = x.numel() // max(self.in_features, 1)
+        compiling = torch.compiler.is_compiling()
+        key = ("weight_only", rows, x.dtype, x.device.type)
+        kernel = None if compiling else self._kernel_cache.get(key)
+        if kernel is None:
+            facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
+                              compiling=compiling)
+            usable = x.dtype == torch.float32 and self._symmetric_int8_weight()
+            kernel = x86.choose("linear_weight_only", facts) if usable else "float"
+            if not compiling:
+                self._kernel_cache[key] = kernel
+        if kernel == "fp16_gemm":  # few rows: a pass over the weight, its int8 integers read as float16 (exact)
+            n = self.out_features
+            packed, scale, zeros = self._cached("fp16_gemm", lambda: (
+                fp16_gemm.pack(self.weight_int), self._weight_scale_per_channel(n), torch.zeros(n)))
+            y = fp16_gemm.linear(x.reshape(-1, self.in_features), packed, zeros)
+            y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
+            y = y.reshape(*x.shape[:-1], n)
+        elif kernel == "int8pack_mm":
             scale = self._cached("w_scale", lambda: self._weight_scale_per_channel(self.out_features))
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int, scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
