@@ -149,15 +149,23 @@ def _float_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
     w = mod.float_weight() * s_in
     b = -zp_in * w.sum(1) + (0.0 if mod.bias is None else mod.bias)
-    spec = mod.output_spec
-    if spec.dtype.is_floating_point:
+    out = _integer_output(mod)
+    if out is None:
         post = portable.UNARY_POST_OPS[mod.post_op]
         return lambda x, other: post(F.linear(x.to(torch.float32), w, b))
-    inv = 1.0 / float(mod.output_scale)
-    zp_out = int(mod.output_zero_point)
+    inv, zp_out, lo, hi, dtype = out
     w, b = w * inv, b * inv + zp_out
+    return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, hi, dtype)
+
+
+def _integer_output(mod: Linear) -> tuple[float, int, int, int, torch.dtype] | None:
+    """``(1 / s_out, zp_out, lowest value (relu: zp_out), highest, dtype)`` of an integer output, None for float."""
+    spec = mod.output_spec
+    if spec.dtype.is_floating_point:
+        return None
+    zp_out = int(mod.output_zero_point)
     lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
-    return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, spec.quant_max, spec.dtype)
+    return 1.0 / float(mod.output_scale), zp_out, lo, spec.quant_max, spec.dtype
 
 
 def _integer_weight(mod: Linear) -> torch.Tensor | None:
@@ -180,19 +188,18 @@ def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
     k = mod._weight_scale_per_channel(mod.out_features) * s_in
     b = -zp_in * (mod.float_weight() * s_in).sum(1) + (0.0 if mod.bias is None else mod.bias)
-    spec, n_in, n_out = mod.output_spec, mod.in_features, mod.out_features
+    n_in, n_out = mod.in_features, mod.out_features
 
     def gemm(x: torch.Tensor) -> torch.Tensor:
         y = fp16_gemm.linear(x.reshape(-1, n_in).to(torch.float32), packed, zeros)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
-    if spec.dtype.is_floating_point:
+    out = _integer_output(mod)
+    if out is None:
         post = portable.UNARY_POST_OPS[mod.post_op]
         return lambda x, other: post(torch.addcmul(b, gemm(x), k))
-    inv = 1.0 / float(mod.output_scale)
-    zp_out = int(mod.output_zero_point)
+    inv, zp_out, lo, hi, dtype = out
     k, b = k * inv, b * inv + zp_out
-    lo = max(spec.quant_min, zp_out) if mod.post_op == "relu" else spec.quant_min
-    return lambda x, other: uint8.finish(torch.addcmul(b, gemm(x), k), lo, spec.quant_max, spec.dtype)
+    return lambda x, other: uint8.finish(torch.addcmul(b, gemm(x), k), lo, hi, dtype)
 
 
 _PLANS: dict[str, Callable[[Linear], Callable[[torch.Tensor, Any], torch.Tensor]]] = {
