@@ -107,13 +107,15 @@ def _dynamic_onednn(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, wzp
 
 
 def bench_dynamic(repeats: int) -> None:
-    for m, k, n in [(1, 512, 512), (16, 512, 512), (128, 768, 768), (128, 768, 3072)]:
+    for m, k, n in [(1, 512, 512), (1, 4096, 4096), (16, 512, 512), (128, 768, 768), (128, 768, 3072)]:
         x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
         qw, ws = _qweight(n, k)
         packed, wzp = ONEDNN.qlinear_prepack(qw, [m, k]), torch.zeros(n, dtype=torch.long)
         fp32 = median_us(lambda: F.linear(x, w, bias), repeats)
+        module = Q.LinearDynamic.from_reference(_weight_only_reference(qw, ws))  # the kernel its rules pick
         report("dynamic", f"M={m} K={k} N={n}", fp32,
-               {"onednn": median_us(lambda: _dynamic_onednn(x, packed, ws, wzp, bias), repeats)})
+               {"onednn": median_us(lambda: _dynamic_onednn(x, packed, ws, wzp, bias), repeats),
+                "LinearDynamic": median_us(lambda: module(x), repeats)})
 
 
 def bench_weight_only(repeats: int) -> None:

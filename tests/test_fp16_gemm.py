@@ -87,3 +87,22 @@ def test_weight_only_linear_at_few_rows_uses_fp16_gemm_and_matches_the_reference
     assert "fp16_gemm" in mod._kernel_cache
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.equal(mod.float_weight(), ref.get_weight() * 1.001)  # (the weight is the reference's)
+
+
+@needs_fp16_gemm
+@pytest.mark.parametrize("shape", [(1, 1280), (2, 3, 1280)])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_linear_at_few_rows_uses_fp16_gemm_and_matches_the_reference_graph(shape: tuple,
+                                                                                     per_channel: bool) -> None:
+    from fxquant.kernels import dynamic
+
+    ref = _reference(1000, 1280, per_channel)
+    mod = Q.LinearDynamic.from_reference(ref, quant_min=0, quant_max=255, post_op="relu")
+    x = torch.randn(*shape) * 3 + 1
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    scale, zp = dynamic.affine_qparams(lo, hi, 0, 255)
+    with torch.no_grad():  # the reference graph: fake quantization, then the reference linear
+        expected = F.relu(ref(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)))
+    got = mod(x)
+    assert mod._kernel_cache[("dynamic", x.numel() // 1280)] == "fp16_gemm"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -177,16 +177,25 @@ def _integer_weight(mod: Linear) -> torch.Tensor | None:
     return mod.weight_int.to(torch.float32) - zp
 
 
+def _fp16_weight(mod: Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(packed integer weight, per-channel weight scales, N zeros)`` for :mod:`fxquant.kernels.fp16_gemm`
+    (cached, rebuilt after load / copy), or None for weights it cannot hold."""
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        w_int = _integer_weight(mod)
+        n = mod.out_features
+        return None if w_int is None else (fp16_gemm.pack(w_int), mod._weight_scale_per_channel(n), torch.zeros(n))
+    return mod._cached("fp16_gemm", build)  # type: ignore[no-any-return]
+
+
 def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """The float plan's math with the weight's integers in float16 (:mod:`fxquant.kernels.fp16_gemm`: half the
     bytes of fp32 weights, exact): ``finish(addcmul(b', q.float() @ W_int.T, s_w * s_in / s_out))``."""
-    w_int = _integer_weight(mod)
-    if w_int is None:
+    found = _fp16_weight(mod)
+    if found is None:
         return _float_plan(mod)
-    packed = mod._cached("fp16_gemm", lambda: fp16_gemm.pack(w_int))
-    zeros = torch.zeros(mod.out_features)
+    packed, w_scale, zeros = found
     s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
-    k = mod._weight_scale_per_channel(mod.out_features) * s_in
+    k = w_scale * s_in
     b = -zp_in * (mod.float_weight() * s_in).sum(1) + (0.0 if mod.bias is None else mod.bias)
     n_in, n_out = mod.in_features, mod.out_features
 
@@ -262,7 +271,7 @@ class LinearDynamic(Linear):
                           onednn_ok=self._onednn_ok() and self.granularity == "per_tensor",
                           input_7bit=spec.quant_max <= 127, compiling=torch.compiler.is_compiling())
         kernel = x86.choose("linear_dynamic", facts)
-        if kernel == "float":
+        if kernel in ("float", "fp16_gemm"):  # (fp16_gemm: the eager per-tensor path only)
             y = F.linear(portable.dequantize(qx, scale, zp), self.float_weight(), self.bias)
             return portable.UNARY_POST_OPS[self.post_op](y)
         acts = (onednn.ActQParams(float(scale), int(zp)), onednn.ActQParams(1.0, 0, torch.float32), None)
@@ -278,12 +287,25 @@ class LinearDynamic(Linear):
             kernel = self._kernel_cache[("dynamic", rows)] = x86.choose("linear_dynamic", facts)
         lo, hi = torch.aminmax(x)
         scale, zp = dynamic.affine_qparams(float(lo), float(hi), spec.quant_min, spec.quant_max)
-        if kernel == "float":
+        if kernel == "fp16_gemm" and _fp16_weight(self) is not None:
+            return portable.UNARY_POST_OPS[self.post_op](self._fp16_dynamic(x, scale, zp))
+        if kernel in ("float", "fp16_gemm"):
             return portable.UNARY_POST_OPS[self.post_op](self._float_dynamic(x, scale, zp))
         bias = uint8.offset(zp)
         qx = uint8.quantize(x, 1.0 / scale, bias, spec.quant_min, spec.quant_max, spec.dtype)
         acts = (onednn.ActQParams(scale, zp), onednn.ActQParams(1.0, 0, torch.float32), None)
         return _STATIC_KERNELS[kernel](self, qx, None, lambda: acts)
+
+    def _fp16_dynamic(self, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+        """Few rows: ``(q - zp) @ W_int.T * (s_x * s_w) + b`` with the weight's integers in float16 (exact;
+        :mod:`fxquant.kernels.fp16_gemm`), ``q - zp`` held in float."""
+        spec = self.input_spec
+        packed, w_scale, zeros = _fp16_weight(self)  # type: ignore[misc]
+        q = dynamic.quantize_to_float(x.reshape(-1, self.in_features), scale, zp, spec.quant_min, spec.quant_max,
+                                      shift=zp)
+        y = torch.addcmul(zeros if self.bias is None else self.bias, fp16_gemm.linear(q, packed, zeros), w_scale,
+                          value=scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _float_dynamic(self, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
         """``F.linear(dequantize(quantize(x)), W, b)``: small inputs through aten's fused fake quantization; larger
@@ -338,12 +360,10 @@ class LinearWeightOnly(Linear):
             if not compiling:
                 self._kernel_cache[key] = kernel
         if kernel == "fp16_gemm":  # few rows: a pass over the weight, its int8 integers read as float16 (exact)
-            n = self.out_features
-            packed, scale, zeros = self._cached("fp16_gemm", lambda: (
-                fp16_gemm.pack(self.weight_int), self._weight_scale_per_channel(n), torch.zeros(n)))
+            packed, scale, zeros = _fp16_weight(self)  # type: ignore[misc]  (symmetric int8: never None)
             y = fp16_gemm.linear(x.reshape(-1, self.in_features), packed, zeros)
             y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
-            y = y.reshape(*x.shape[:-1], n)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         elif kernel == "int8pack_mm":
             scale = self._cached("w_scale", lambda: self._weight_scale_per_channel(self.out_features))
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int, scale)
