@@ -106,3 +106,20 @@ def test_dynamic_linear_at_few_rows_uses_fp16_gemm_and_matches_the_reference_gra
     got = mod(x)
     assert mod._kernel_cache[("dynamic", x.numel() // 1280)] == "fp16_gemm"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_fp16_gemm
+def test_full_range_input_at_many_rows_runs_fp16_gemm_within_one_step() -> None:
+    ref = _reference(700, 640, per_channel=True, seed=3)
+    x_q = torch.randint(0, 256, (130, 640), dtype=torch.uint8)  # 8-bit input: onednn would need the split
+    with torch.no_grad():
+        y = ref((x_q.float() - 128) * 0.01)
+    lo = min(float(y.min()), 0.0)
+    scale = (float(y.max()) - lo) / 255
+    zp = int(round(-lo / scale))
+    mod = Q.Linear.from_reference(ref, 0.01, 128, scale, zp, input_quant_max=255)
+    got = mod(x_q)
+    assert mod._kernel_cache[(130, True)].__qualname__.startswith("_fp16_gemm_plan")
+    expected = torch.clamp(torch.round(y / scale) + zp, 0, 255)
+    diff = (got.float() - expected).abs()
+    assert float(diff.max()) <= 1.0 and float((diff > 0).float().mean()) < 0.01

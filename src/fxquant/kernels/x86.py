@@ -9,9 +9,11 @@ an AVX2 CPU without VNNI (AMD EPYC, torch 2.13 CPU); ratios are fp32 time / int8
 static linear, M=1         onednn 0.41-0.55x, float path 0.33-0.49x (K=N=512; torch._int_mm 0.12x): a tie -> float;
                            (2026) the float path's weight integers in float16 (fbgemm's fp16 GEMM, exact): 67 vs
                            143 us at 1280 -> 1000, 34 vs 76 at 576 -> 1024; M=4, K=N=512: 1.19x fp32 against
-                           onednn's 0.60x -> "fp16_gemm" up to 8 rows from 2^18 MACs, before onednn; weight-only
-                           linear the same (1.2-1.7x fp32 at M=1); dynamic linear from 2^20 MACs (M=1,
-                           K=N=4096: 1.26x fp32, onednn 0.64x)
+                           onednn's 0.60x. K=768, N=768 / 3072, rows 8..512: fp16 2.3..1.0x / 3.3..1.1x fp32,
+                           onednn (7-bit) 1.4..1.8x / 1.7..2.5x, ahead from 32 rows -> "fp16_gemm" up to 16 rows
+                           from 2^18 MACs, then onednn for 7-bit input, and fp16 at any size for full-range input
+                           (the split: ~0.9x); weight-only linear up to 8 rows (1.2-1.7x fp32 at M=1); dynamic
+                           linear from 2^20 MACs after onednn (M=1, K=N=4096: 1.26x fp32, onednn 0.64x)
 static linear, M=4..64     onednn 1.0-1.7x, float path 0.6-0.9x (K=N=512)
 static linear, M>=128      onednn 1.3-5x (K,N 768..3072); full-range input split in two: 0.9-1.4x, float 0.9x
 dynamic linear             onednn incl. run-time quantization: 0.17x (M=1), 0.67x (M=16), 1.16x (M=128,
@@ -131,10 +133,12 @@ class Rule:
 
 
 _EAGER_CPU = {"device": "cpu", "compiling": False, "onednn_ok": True}
+_FP16 = {"device": "cpu", "compiling": False, "fp16_gemm": True}
 RULES: dict[str, tuple[Rule, ...]] = {
     "linear": (
-        Rule("fp16_gemm", {"device": "cpu", "compiling": False, "max_rows": 8, "min_macs": 2**18, "fp16_gemm": True}),
+        Rule("fp16_gemm", {**_FP16, "max_rows": 16, "min_macs": 2**18}),
         Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "macs_unknown_or_at_least": 2**20, "exact_u8s8": True}),
+        Rule("fp16_gemm", {**_FP16, "min_macs": 2**20, "exact_u8s8": False}),  # beats the split at every size
         Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),
@@ -147,14 +151,14 @@ RULES: dict[str, tuple[Rule, ...]] = {
     ),
     "linear_dynamic": (
         Rule("onednn", {**_EAGER_CPU, "min_rows": 64, "macs_unknown_or_at_least": 2**25, "exact_u8s8": True}),
-        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         # (from 2^20 MACs: below, the run-time quantization's ops cost more than the halved weight read saves)
-        Rule("fp16_gemm", {"device": "cpu", "compiling": False, "max_rows": 8, "min_macs": 2**20, "fp16_gemm": True}),
+        Rule("fp16_gemm", {**_FP16, "min_macs": 2**20}),
+        Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),
     "linear_weight_only": (
         Rule("int8pack_mm", {"device": "cpu", "compiling": False, "avx512": True}),
-        Rule("fp16_gemm", {"device": "cpu", "compiling": False, "max_rows": 8, "min_macs": 2**18, "fp16_gemm": True}),
+        Rule("fp16_gemm", {**_FP16, "max_rows": 8, "min_macs": 2**18}),
         Rule("float"),
     ),
     # quantized add of two uint8 images: an identity depthwise conv with onednn's sum post-op (one call, ~140 us
