@@ -155,3 +155,23 @@ def test_dynamic_preset_quantizes_conv1d_and_functional_linears() -> None:
     assert sum(type(m) is fnn.quantized.LinearDynamic for m in lowered.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(lowered(_inputs(5)), reference(_inputs(5)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_convert_time_mapping_names_addmm_as_the_user_wrote_it() -> None:
+    mapping = RECIPES["static"]()
+    model = MLP().eval()
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), mapping, (_inputs(0),))
+    prepared(_inputs(1))
+    convert_mapping = RECIPES["static"]().set_object_type(torch.addmm, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowered = fxquant.convert_fx(prepared, qconfig_mapping=convert_mapping)
+    assert not any(type(m) is fnn.quantized.Linear for m in lowered.modules())  # both left in float
+    at_prepare = fxquant.prepare_fx(copy.deepcopy(model), RECIPES["static"]().set_object_type(torch.addmm, None),
+                                    (_inputs(0),))
+    at_prepare(_inputs(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_prepare = fxquant.convert_fx(at_prepare)
+    with torch.no_grad():  # the same model as when the prepare-time mapping left addmm float
+        assert torch.equal(lowered(_inputs(2)), at_prepare(_inputs(2)))

@@ -11,7 +11,8 @@ int8 constant (``to_reference.constant_value``) and lowering builds the int8 / d
 
 Bit-identical in float: ``F.linear`` of a 2-d input with a bias calls ``addmm(b, x, W.t().t())``, the same
 product on the same strides. Nodes whose qconfig is None are left as they are; the rewritten node keeps the
-qconfig resolved for ``addmm`` (``QConfigMapping.set_object_type(torch.addmm, ...)`` still applies).
+qconfig resolved for ``addmm`` (``QConfigMapping.set_object_type(torch.addmm, ...)`` still applies, at prepare and in
+a convert-time mapping).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from torch import fx
 from ..pipeline import Context, register_pass
 from .assign_qconfig import QCONFIG_KEY
 
-__all__ = ["addmm_as_linear"]
+__all__ = ["addmm_as_linear", "REWRITTEN_FROM"]
 
+REWRITTEN_FROM = "fxquant_rewritten_from"  # node.meta: the op the user's code called (torch.addmm)
 _CARRIED_META = (QCONFIG_KEY, "fxquant_scope", "nn_module_stack", "stack_trace")
 
 
@@ -62,6 +64,7 @@ def addmm_as_linear(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
             linear = graph.call_function(F.linear, (x, transposed, bias))
         transposed.meta.update({k: node.meta[k] for k in _CARRIED_META if k in node.meta})
         linear.meta.update(node.meta)
+        linear.meta[REWRITTEN_FROM] = torch.addmm
         node.replace_all_uses_with(linear)
         graph.erase_node(node)
     return gm

@@ -13,6 +13,7 @@ from torch import fx, nn
 from ..annotation import get_annotation
 from ..pipeline import Context, register_pass
 from .annotate import spec_of
+from .addmm_as_linear import REWRITTEN_FROM
 from .assign_qconfig import QCONFIG_KEY
 from .common import PreparedState, backend_config_of, set_state
 
@@ -46,7 +47,8 @@ def _record(node: fx.Node, modules: dict[str, Any]) -> NodeRecord:
     if node.op == "call_module":
         return NodeRecord(node.op, type(modules[str(node.target)]), str(node.target), scope_type,
                           node.meta.get(QCONFIG_KEY), ann.reason)
-    return NodeRecord(node.op, node.target, scope_path, scope_type, node.meta.get(QCONFIG_KEY), ann.reason)
+    target = node.meta.get(REWRITTEN_FROM, node.target)  # a convert-time QConfigMapping names the user's op
+    return NodeRecord(node.op, target, scope_path, scope_type, node.meta.get(QCONFIG_KEY), ann.reason)
 
 
 def reference_module_map(backend: Any) -> dict[type, type]:
