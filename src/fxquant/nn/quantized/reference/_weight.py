@@ -191,8 +191,8 @@ def quantize_weight(weight: torch.Tensor, spec: WeightSpec, scale: torch.Tensor,
     if spec.granularity == "per_tensor":  # fused multiply-add, emulated in float64 then rounded to float32
         pre = (w.double() * inv.double() + zp.double()).float()
     else:
-        pre = w * inv + zp
-    return pre.round().clamp(spec.quant_min, spec.quant_max).to(spec.dtype)
+        pre = torch.mul(w, inv).add_(zp)  # (a new tensor, then in place: the same two roundings as w * inv + zp)
+    return pre.round_().clamp_(spec.quant_min, spec.quant_max).to(spec.dtype)
 
 
 def dequantize_weight(q: torch.Tensor, spec: WeightSpec, scale: torch.Tensor,
