@@ -19,10 +19,10 @@ from torch import fx, nn
 
 from ..nn.quantized import reference as ref
 from .lower_build import Lowering, Rule
-from .to_reference import constant_value
 from .lower_match import Pat, attr_value, kind_of
 from .lower_ops import (IDENTITY_FUNCTIONS_BY_NAME, IDENTITY_OPS, INTEGER_KERNELS, INTEGER_OPS, RENAMED_METHODS,
                         SHAPE_QUERIES, qualified_name)
+from .to_reference import constant_value
 
 __all__ = ["NORMALIZE_RULES", "FLOAT_NAME"]
 
