@@ -123,3 +123,24 @@ def test_full_range_input_at_many_rows_runs_fp16_gemm_within_one_step() -> None:
     expected = torch.clamp(torch.round(y / scale) + zp, 0, 255)
     diff = (got.float() - expected).abs()
     assert float(diff.max()) <= 1.0 and float((diff > 0).float().mean()) < 0.01
+
+
+@needs_fp16_gemm
+@pytest.mark.parametrize("rows", [1, 64])
+def test_float16_weight_only_linear_reads_its_float16_weight_through_fbgemm(rows: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 384)
+    with torch.no_grad():  # a functional linear's weight under a float16 recipe: rounded by the reference graph
+        lin.weight.copy_(lin.weight.half().float())
+    ref = R.Linear.from_float(lin, {"qscheme": None, "dtype": torch.float16})
+    mod = Q.LinearWeightOnly.from_reference(ref)
+    x = torch.randn(rows, 512).to(torch.float16).to(torch.float32)  # as the reference graph casts it
+    with torch.no_grad():
+        expected = ref(x)
+    got = mod(x)
+    assert mod._kernel_cache[("weight_only", rows, torch.float32, "cpu")] == "fp16_gemm_half"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    unrounded = Q.LinearWeightOnly.from_reference(R.Linear.from_float(nn.Linear(512, 384),
+                                                                      {"qscheme": None, "dtype": torch.float16}))
+    unrounded(x)  # nn.Linear under a float16 recipe: torch.ao's reference keeps float32 weights -> the float path
+    assert unrounded._kernel_cache[("weight_only", rows, torch.float32, "cpu")] == "float"

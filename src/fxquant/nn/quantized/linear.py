@@ -347,19 +347,37 @@ class LinearWeightOnly(Linear):
         mod._init_quant(wspec, weight, bias, act)
         return mod
 
+    def _float16_exact_weight(self) -> bool:
+        """An unquantized weight (float16 recipes) whose values are all float16 numbers: torch.ao's reference keeps
+        an ``nn.Linear``'s weight in float32 (not rounded), a functional linear's rounded; only the rounded one may
+        run through the float16 GEMM without changing the result."""
+        if self.weight_spec.granularity != "none" or torch.compiler.is_compiling():
+            return False
+
+        def check() -> bool:
+            w = self.float_weight()
+            return bool(w.dtype == torch.float32 and torch.equal(w, w.to(torch.float16).to(torch.float32)))
+        return self._cached("float16_exact", check)  # type: ignore[no-any-return]
+
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // max(self.in_features, 1)
         compiling = torch.compiler.is_compiling()
         key = ("weight_only", rows, x.dtype, x.device.type)
         kernel = None if compiling else self._kernel_cache.get(key)
         if kernel is None:
+            half = self._float16_exact_weight()
             facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
-                              compiling=compiling)
-            usable = x.dtype == torch.float32 and self._symmetric_int8_weight()
+                              compiling=compiling, float16_weight=half)
+            usable = x.dtype == torch.float32 and (half or self._symmetric_int8_weight())
             kernel = x86.choose("linear_weight_only", facts) if usable else "float"
             if not compiling:
                 self._kernel_cache[key] = kernel
-        if kernel == "fp16_gemm":  # few rows: a pass over the weight, its int8 integers read as float16 (exact)
+        if kernel == "fp16_gemm_half":  # float16 values: fbgemm's fp16 GEMM reads them as they are (exact)
+            packed = self._cached("fp16_gemm_half", lambda: fp16_gemm.pack(self.float_weight().float()))
+            zeros = self._cached("zeros", lambda: torch.zeros(self.out_features))
+            y = fp16_gemm.linear(x.reshape(-1, self.in_features), packed, zeros if self.bias is None else self.bias)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        elif kernel == "fp16_gemm":  # few rows: a pass over the weight, its int8 integers read as float16 (exact)
             packed, scale, zeros = _fp16_weight(self)  # type: ignore[misc]  (symmetric int8: never None)
             y = fp16_gemm.linear(x.reshape(-1, self.in_features), packed, zeros)
             y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
