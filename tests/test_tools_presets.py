@@ -1,6 +1,9 @@
 """fxquant.tools.presets (--qconfig / --skip) and fxquant.tools.userload (--model / --calib)."""
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -12,8 +15,11 @@ from fxquant.tools.userload import UserInputError, as_inputs, import_object
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_preset_is_the_backend_default(backend):
-    ours = qconfig_mapping_for("default", backend).to_dict()
-    assert ours == fxquant.get_default_qconfig_mapping(backend).to_dict()
+    ours = qconfig_mapping_for("default", backend)
+    default = fxquant.get_default_qconfig_mapping(backend)
+    # plus one entry: a fused Linear + Tanh gets the global qconfig (the default mapping makes it unpreparable)
+    assert ours.object_type_qconfigs.pop(fxquant.nn.intrinsic.LinearTanh) is ours.global_qconfig
+    assert ours.to_dict() == default.to_dict()
 
 
 def test_presets_differ_where_they_say():
@@ -85,3 +91,30 @@ def test_dynamic_preset_quantizes_a_linear_fused_with_its_relu():
     with torch.no_grad():
         err = (lowered(x) - model(x)).pow(2).mean() / model(x).pow(2).mean()
     assert err < 1e-3
+
+
+class _LinearTanh(nn.Module):  # BERT's pooler
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.act = nn.Linear(8, 8), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+@pytest.mark.parametrize("preset", ["default", "per-tensor", "histogram"])
+def test_onednn_presets_prepare_a_fused_linear_tanh_that_the_default_mapping_refuses(preset: str) -> None:
+    x = torch.randn(4, 8)
+    backend = backend_config_for("onednn")
+    with pytest.raises(LookupError, match="LinearTanh"):  # torch.ao's default mapping: as torch.ao does
+        fxquant.prepare_fx(_LinearTanh().eval(), fxquant.get_default_qconfig_mapping("onednn"), (x,),
+                           backend_config=backend)
+    prepared = fxquant.prepare_fx(_LinearTanh().eval(), qconfig_mapping_for(preset, "onednn"), (x,),
+                                  backend_config=backend)
+    prepared(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = fxquant.convert_to_reference_fx(copy.deepcopy(prepared), backend_config=backend)
+        lowered = fxquant.convert_fx(prepared, backend_config=backend)
+    with torch.no_grad():
+        assert torch.allclose(lowered(x), reference(x), atol=1e-6)

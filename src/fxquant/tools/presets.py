@@ -3,7 +3,8 @@
 ==============  ==============================================================================================
 preset          what it quantizes
 ==============  ==============================================================================================
-default         ``get_default_qconfig_mapping(backend)`` (x86: histogram activations 0..127, per-channel weights)
+default         ``get_default_qconfig_mapping(backend)`` (x86: histogram activations 0..127, per-channel weights);
+                a fused Linear + Tanh gets the global qconfig (see ``_fused_linear_tanh``)
 per-tensor      the default mapping with per-tensor symmetric int8 weights for every op
 histogram       HistogramObserver activations and per-channel weights everywhere (x86's default, explicit)
 dynamic         nn.Linear / F.linear / LSTM / GRU / RNN cells with int8 weights, activations quantized per batch at
@@ -32,6 +33,17 @@ def _reduce_range(backend: str) -> bool:
     return backend in ("x86", "fbgemm")
 
 
+def _fused_linear_tanh(mapping: Any) -> Any:
+    """The default mappings give nn.Tanh fixed qparams and nn.Linear none, and the onednn backend fuses Linear +
+    Tanh (BERT's pooler): prepare_fx then refuses the fused module, as torch.ao does. A preset settles it the way
+    the error suggests -- the fused module gets the global qconfig (its output observed, not fixed)."""
+    from ..nn import intrinsic as nni
+
+    if nn.Tanh in mapping.object_type_qconfigs and nn.Linear not in mapping.object_type_qconfigs:
+        mapping.set_object_type(nni.LinearTanh, mapping.global_qconfig)
+    return mapping
+
+
 def qconfig_mapping_for(preset: str, backend: str = "x86") -> Any:
     """The QConfigMapping of ``preset`` (one of :data:`PRESETS`) for ``backend`` (one of :data:`BACKENDS`)."""
     from .. import observer as obs
@@ -41,11 +53,12 @@ def qconfig_mapping_for(preset: str, backend: str = "x86") -> Any:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if preset == "default":
-        return get_default_qconfig_mapping(backend)
+        return _fused_linear_tanh(get_default_qconfig_mapping(backend))
     if preset in ("per-tensor", "histogram"):
         act = obs.HistogramObserver.with_args(reduce_range=_reduce_range(backend))
         weight = obs.default_weight_observer if preset == "per-tensor" else obs.default_per_channel_weight_observer
-        return get_default_qconfig_mapping(backend).set_global(QConfig(activation=act, weight=weight))
+        return _fused_linear_tanh(get_default_qconfig_mapping(backend).set_global(QConfig(activation=act,
+                                                                                          weight=weight)))
     if preset == "dynamic":
         from ..nn import intrinsic as nni
 
