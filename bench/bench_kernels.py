@@ -79,8 +79,8 @@ def _linear_module(k: int, n: int, input_qmax: int, post_op: str = "none") -> An
 
 def bench_linear(repeats: int) -> None:
     """Static linear through fxquant.nn.quantized.Linear with each kernel forced (uint8 in -> uint8 out)."""
-    for m, k, n in [(1, 512, 512), (4, 512, 512), (16, 512, 512), (64, 512, 512), (128, 768, 768),
-                    (128, 768, 3072), (512, 1024, 1024)]:
+    for m, k, n in [(1, 512, 512), (1, 1280, 1000), (4, 512, 512), (8, 768, 3072), (16, 512, 512), (32, 768, 768),
+                    (64, 512, 512), (128, 768, 768), (128, 768, 3072), (512, 1024, 1024)]:
         x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
         fns: dict[str, Callable[[], object]] = {"fp32": lambda: F.linear(x, w, bias)}
         for qmax, kernels in ((127, ("onednn", "float")), (255, ("onednn_split",))):
@@ -89,9 +89,9 @@ def bench_linear(repeats: int) -> None:
             for kernel in kernels:
                 fn = linear_mod._STATIC_KERNELS[kernel]
                 fns[f"{kernel}(0..{qmax})"] = functools.partial(fn, mod, qx, None, mod._act)
-            if qmax == 127 and m <= 8 and fp16_gemm.available():  # the few-row plans, as the module runs them
-                fns["float_plan(0..127)"] = functools.partial(linear_mod._float_plan(mod), qx, None)
-                fns["fp16_gemm_plan(0..127)"] = functools.partial(linear_mod._fp16_gemm_plan(mod), qx, None)
+            if fp16_gemm.available():  # the plans as the module runs them (fp16: any input range, exact)
+                fns[f"float_plan(0..{qmax})"] = functools.partial(linear_mod._float_plan(mod), qx, None)
+                fns[f"fp16_gemm_plan(0..{qmax})"] = functools.partial(linear_mod._fp16_gemm_plan(mod), qx, None)
         report_all("linear", f"M={m} K={k} N={n}", compare_us(fns, repeats))
 
 

@@ -7,10 +7,11 @@ an AVX2 CPU without VNNI (AMD EPYC, torch 2.13 CPU); ratios are fp32 time / int8
 
 =========================  =========================================================================================
 static linear, M=1         onednn 0.41-0.55x, float path 0.33-0.49x (K=N=512; torch._int_mm 0.12x): a tie -> float;
-                           (2026) the float path's weight integers in float16 (fbgemm's fp16 GEMM, exact): 67 vs
-                           143 us at 1280 -> 1000, 34 vs 76 at 576 -> 1024; M=4, K=N=512: 1.19x fp32 against
-                           onednn's 0.60x. K=768, N=768 / 3072, rows 8..512: fp16 2.3..1.0x / 3.3..1.1x fp32,
-                           onednn (7-bit) 1.4..1.8x / 1.7..2.5x, ahead from 32 rows -> "fp16_gemm" up to 16 rows
+                           (2026) the float path's weight integers in float16 (fbgemm's fp16 GEMM, exact), as
+                           fp16_gemm_plan vs float_plan vs onednn (7-bit): 1280 -> 1000 at M=1 1.42x / 0.89x /
+                           0.31x; M=4, K=N=512 1.33x / 0.71x / 0.76x; M=8, 768 -> 3072 2.30x / 1.00x / 1.62x;
+                           M=16, K=N=512 1.16x / 0.78x / 0.84x; M=32, K=N=768 1.25x / 0.84x / 1.18x; M=128,
+                           768 -> 3072 1.33x / 0.98x / 2.12x; onednn_split 0.2-0.96x -> "fp16_gemm" up to 16 rows
                            from 2^18 MACs, then onednn for 7-bit input, and fp16 at any size for full-range input
                            (the split: ~0.9x); weight-only linear up to 8 rows (1.2-1.7x fp32 at M=1); dynamic
                            linear from 2^20 MACs after onednn (M=1, K=N=4096: 1.26x fp32, onednn 0.64x)

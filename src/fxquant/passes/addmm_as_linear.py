@@ -24,6 +24,7 @@ from torch import fx
 
 from ..pipeline import Context, register_pass
 from .assign_qconfig import QCONFIG_KEY
+from .lower_match import attr_value
 
 __all__ = ["addmm_as_linear", "REWRITTEN_FROM"]
 
@@ -34,9 +35,7 @@ _CARRIED_META = (QCONFIG_KEY, "fxquant_scope", "nn_module_stack", "stack_trace")
 def _constant(gm: fx.GraphModule, node: Any, dims: int) -> bool:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return False
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
+    value = attr_value(gm, node)
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == dims
 
 

@@ -146,9 +146,7 @@ def _float_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     ``F.linear((q - zp) * s, W, b) / s_out + zp_out == F.linear(q, W * s / s_out, (b - zp * s * W.sum(1)) / s_out
     + zp_out)``; relu becomes the lower clamp at ``zp_out``.
     """
-    s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
-    w = mod.float_weight() * s_in
-    b = -zp_in * w.sum(1) + (0.0 if mod.bias is None else mod.bias)
+    w, b = _input_folded(mod)
     out = _integer_output(mod)
     if out is None:
         post = portable.UNARY_POST_OPS[mod.post_op]
@@ -156,6 +154,13 @@ def _float_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     inv, zp_out, lo, hi, dtype = out
     w, b = w * inv, b * inv + zp_out
     return lambda x, other: uint8.finish(F.linear(x.to(torch.float32), w, b), lo, hi, dtype)
+
+
+def _input_folded(mod: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W * s_in, b - zp_in * s_in * W.sum(1))``: ``F.linear((q - zp_in) * s_in, W, b) == F.linear(q, W', b')``."""
+    s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
+    w = mod.float_weight() * s_in
+    return w, -zp_in * w.sum(1) + (0.0 if mod.bias is None else mod.bias)
 
 
 def _integer_output(mod: Linear) -> tuple[float, int, int, int, torch.dtype] | None:
@@ -194,9 +199,8 @@ def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     if found is None:
         return _float_plan(mod)
     packed, w_scale, zeros = found
-    s_in, zp_in = float(mod.input_scale), int(mod.input_zero_point)
-    k = w_scale * s_in
-    b = -zp_in * (mod.float_weight() * s_in).sum(1) + (0.0 if mod.bias is None else mod.bias)
+    k = w_scale * float(mod.input_scale)
+    b = _input_folded(mod)[1]
     n_in, n_out = mod.in_features, mod.out_features
 
     def gemm(x: torch.Tensor) -> torch.Tensor:
