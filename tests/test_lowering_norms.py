@@ -290,6 +290,19 @@ def test_quantized_matmul_module_with_full_range_operands():
     assert (got == expected).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("a_scale", (0.05, 4e34))
+def test_matmul_softmax_module_shifts_huge_logit_scales_exactly(a_scale):
+    """A logits operand with a huge range (a finfo.min mask folded into it) keeps its zero point exact: the folded
+    shift would be ~1e31 off, and softmax turns any such offset into a different distribution."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(0, 256, (2, 6, 4), generator=g, dtype=torch.uint8)
+    a[:, ::2] = 127  # rows at the zero point: logits exactly 0 in the reference, a uniform softmax
+    b = torch.randint(0, 256, (2, 4, 6), generator=g, dtype=torch.uint8)
+    mod = Q.QuantizedMatmul((a_scale, 127), (0.01, 128), (1.0 / 256, 0), softmax_dim=-1, logit_multiplier=0.5)
+    got, expected = mod(a, b), mod._reference(a, b)
+    assert (got.int() - expected.int()).abs().max() <= 1
+
+
 # --------------------------------------------------------------------------------------------------- scalar ops
 class _ScalarArith(nn.Module):
     def __init__(self) -> None:

@@ -270,6 +270,20 @@ class BufferIntoLinear(nn.Module):  # Swin V2: a registered buffer (relative_coo
         return self.block(x)
 
 
+class FinfoMinMaskAttention(nn.Module):  # Gemma 2 / Llama eager attention: logits + a causal mask of finfo.min
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        n = x.shape[1]
+        mask = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
+        weights = torch.softmax(logits + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.o(torch.matmul(weights, v))
+
+
 CONSTRUCTS: dict[str, tuple[type[nn.Module], Callable[[int], tuple]]] = {
     "size_arithmetic": (SizeArithmetic, _images()),
     "arange_mask": (ArangeMask, _tokens()),
@@ -289,6 +303,7 @@ CONSTRUCTS: dict[str, tuple[type[nn.Module], Callable[[int], tuple]]] = {
     "dict_and_bool_outputs": (DictAndBoolOutputs, _images()),
     "fx_wrapped_patch_merging": (PatchMerging, _images(side=15)),
     "buffer_into_linear": (BufferIntoLinear, _tokens()),
+    "finfo_min_mask": (FinfoMinMaskAttention, _tokens()),
 }
 
 
@@ -303,6 +318,19 @@ def test_construct_quantizes_end_to_end(name: str) -> None:
         expected, ref_out, low_out = _first(model(*x)), _first(reference(*x)), _first(lowered(*x))
     assert _sqnr(expected, ref_out) > 15.0, f"{name}: reference model far from float"
     assert _sqnr(expected, low_out) > 15.0, f"{name}: lowered model far from float"
+
+
+def test_finfo_min_mask_add_dequantizes_exactly_before_the_float_softmax() -> None:
+    """logits + mask quantizes with a scale near 1e36; the lowered model must dequantize it as the reference does
+    (gemma2 in bench/try_real_models.py lost 19 dB to a folded zero point: ~1e31 where the reference has 0)."""
+    torch.manual_seed(0)
+    model = FinfoMinMaskAttention().eval()
+    reference, lowered = _quantize_all(model, _tokens())
+    x = _tokens()(3)
+    with torch.no_grad():
+        ref_out, low_out = reference(*x), lowered(*x)
+    assert torch.isfinite(low_out).all()
+    assert _sqnr(ref_out, low_out) > 60.0
 
 
 def test_buffer_read_by_a_quantized_op_is_folded_like_a_weight() -> None:

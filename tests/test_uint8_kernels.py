@@ -235,3 +235,17 @@ def test_channels_last_integer_max_pool_on_an_image_of_more_than_32767_positions
     x = x.contiguous(memory_format=layout)
     kernel, float_op = (uint8.max_pool2d, F.max_pool2d) if rank == 2 else (uint8.max_pool3d, F.max_pool3d)
     assert torch.equal(kernel(x, 3, 2, 1), float_op(x.float(), 3, 2, 1).to(torch.uint8))
+
+
+@pytest.mark.parametrize("scale, zero_point", ((0.02, 128), (2.68e36, 127), (50.0, 255)))
+def test_dequantize_module_equals_the_reference_formula_and_gives_exact_zeros(scale, zero_point):
+    """The one-add form folds ``-zero_point * scale``; for huge ranges (an attention mask's finfo.min) that rounding
+    is ~1e31 absolute, so the module switches to the exact form there (uint8.FOLD_LIMIT)."""
+    from fxquant.nn.quantized import DeQuantize
+
+    q = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    reference = (q.to(torch.float32) - zero_point) * torch.tensor(scale, dtype=torch.float32)
+    got = DeQuantize(scale, zero_point)(q)
+    assert got[q == zero_point].eq(0).all()
+    assert torch.allclose(got, reference, rtol=1e-6, atol=abs(zero_point * scale) * 2.0 ** -22)
+    assert uint8.fold_safe(scale, zero_point) == (abs(scale * zero_point) <= uint8.FOLD_LIMIT)

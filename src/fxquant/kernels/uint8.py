@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "dequantize", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d",
+__all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d",
            "max_pool2d", "max_pool3d",
            "interpolate", "offset", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
 
@@ -62,8 +62,28 @@ def quantize(x: torch.Tensor, inv_scale: float, bias: Offset, quant_min: int, qu
 
 
 def dequantize(q: torch.Tensor, scale: float, bias: Offset) -> torch.Tensor:
-    """``(q - zero_point) * scale`` in float32 with ``bias = -zero_point * scale`` (one op)."""
+    """``(q - zero_point) * scale`` in float32 with ``bias = -zero_point * scale`` (one op; only where
+    :func:`fold_safe` holds, else :func:`dequantize_exact`)."""
     return torch.add(bias, q, alpha=scale)
+
+
+def dequantize_exact(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32 as the reference computes it (a zero point gives exactly 0)."""
+    y = q.to(torch.float32)
+    return (y.sub_(zero_point) if zero_point else y).mul_(scale)
+
+
+# Folding the zero point into one ``q * scale + (-zero_point * scale)`` rounds ``-zero_point * scale`` once: the
+# result is within ``|zero_point * scale| * 2**-24`` of the exact value, a negligible part of a step, but absolute.
+# Downstream float ops that amplify absolute offsets (softmax's exp) turn that into garbage when the range is huge
+# -- Hugging Face attention masks hold finfo.min, so "logits + mask" gets a scale near 1e36 and the folded form
+# puts ~1e31 where the reference has 0. Beyond this bound (an absolute error above 2**-14) dequantize exactly.
+FOLD_LIMIT = 2.0 ** 10
+
+
+def fold_safe(scale: float, zero_point: int) -> bool:
+    """Whether ``-zero_point * scale`` may be folded into one add (see :data:`FOLD_LIMIT`)."""
+    return abs(zero_point * scale) <= FOLD_LIMIT
 
 
 def table_index(q: torch.Tensor) -> torch.Tensor:

@@ -128,14 +128,15 @@ class DeQuantize(_ScalarModule):
         self.dtype, self.quant_min, self.quant_max = dtype, quant_min, quant_max
         self._qparam("", scale, zero_point)
 
-    def _build_scalars(self) -> tuple[float, torch.Tensor]:
-        return float(self.scale), k.offset(-int(self.zero_point) * float(self.scale))
+    def _build_scalars(self) -> tuple[float, torch.Tensor | None, int]:
+        scale, zp = float(self.scale), int(self.zero_point)
+        return scale, (k.offset(-zp * scale) if k.fold_safe(scale, zp) else None), zp
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return (q.to(torch.float32) - self.zero_point) * self.scale
-        scale, bias = self._scalars()
-        return k.dequantize(q, scale, bias)
+        scale, bias, zp = self._scalars()
+        return k.dequantize_exact(q, scale, zp) if bias is None else k.dequantize(q, scale, bias)
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
