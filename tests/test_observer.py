@@ -218,6 +218,18 @@ def test_per_channel_channel_without_finite_data():
     assert torch.isfinite(obs.calculate_qparams()[0]).all()
 
 
+@pytest.mark.parametrize("cls", ["PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver"])
+def test_per_channel_observer_of_a_1d_tensor_treats_each_value_as_a_channel(cls):
+    """A norm's weight (F.group_norm / F.layer_norm weight argument) is 1-d: one value per channel. torch.ao's
+    observers fail on it (flatten from dim 1); fxquant's give the same qparams as for the (C, 1) matrix."""
+    w = torch.tensor([0.5, -1.25, 2.0, 0.0])
+    one_d, two_d = getattr(fo, cls)(), getattr(fo, cls)()
+    one_d(w), one_d(w * 0.5)
+    two_d(w[:, None]), two_d(w[:, None] * 0.5)
+    assert torch.equal(one_d.min_val, two_d.min_val) and torch.equal(one_d.max_val, two_d.max_val)
+    assert all(torch.equal(a, b) for a, b in zip(one_d.calculate_qparams(), two_d.calculate_qparams()))
+
+
 def test_observer_validation_errors():
     cases = [
         (lambda: fo.MinMaxObserver(qscheme=torch.per_channel_affine), "PerChannelMinMaxObserver"),

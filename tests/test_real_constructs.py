@@ -284,6 +284,21 @@ class FinfoMinMaskAttention(nn.Module):  # Gemma 2 / Llama eager attention: logi
         return self.o(torch.matmul(weights, v))
 
 
+class _GroupNormSubclass(nn.GroupNorm):  # not torch.nn's own class, so torch.fx traces into F.group_norm
+    pass
+
+
+class GroupNormSubclass(nn.Module):  # PoolFormer: GroupNorm(1, C) subclassed; its 1-d weight gets a weight observer
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = _GroupNormSubclass(1, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + self.norm(y)
+
+
 CONSTRUCTS: dict[str, tuple[type[nn.Module], Callable[[int], tuple]]] = {
     "size_arithmetic": (SizeArithmetic, _images()),
     "arange_mask": (ArangeMask, _tokens()),
@@ -304,6 +319,7 @@ CONSTRUCTS: dict[str, tuple[type[nn.Module], Callable[[int], tuple]]] = {
     "fx_wrapped_patch_merging": (PatchMerging, _images(side=15)),
     "buffer_into_linear": (BufferIntoLinear, _tokens()),
     "finfo_min_mask": (FinfoMinMaskAttention, _tokens()),
+    "group_norm_subclass": (GroupNormSubclass, _images()),
 }
 
 

@@ -50,7 +50,8 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         if x.dim() == 0 or not -x.dim() <= self.ch_axis < x.dim():
             raise ValueError(f"{type(self).__name__}: ch_axis={self.ch_axis} is out of range for an input of "
                              f"shape {tuple(x.shape)}")
-        return torch.movedim(x, self.ch_axis, 0).to(self.min_val.dtype).flatten(start_dim=1)
+        rows = torch.movedim(x, self.ch_axis, 0).to(self.min_val.dtype)
+        return rows.reshape(rows.shape[0], -1)  # (a 1-d input, e.g. a norm's weight: one value per channel)
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         """Update the per-channel running range with the finite values of ``x_orig``; return it unchanged."""
