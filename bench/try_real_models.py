@@ -157,7 +157,8 @@ def _hf(config_name: str, model_cls: str, text: bool = True, **cfg: Any) -> Fact
         if text:
             vocab = int(getattr(config, "vocab_size", 100))
             return model, lambda seed: (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed)),)
-        side = int(getattr(config, "image_size", size))
+        side = getattr(config, "image_size", size)
+        side = int(side[0] if isinstance(side, (list, tuple)) else side)
         return model, lambda seed: (torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed)),)
 
     return make
@@ -246,6 +247,55 @@ HUGGINGFACE_MORE: dict[str, Factory] = {
                            num_conv_pos_embedding_groups=4),
 }
 
+
+# families seen less often in int8 work, tried before a release (--even-more): mixture-of-experts routing, newer
+# decoder variants, hierarchical vision backbones, speech encoders
+HUGGINGFACE_EVEN_MORE: dict[str, Factory] = {
+    "gemma": _hf("gemma", "GemmaModel", num_key_value_heads=2, head_dim=16, **_TINY_DECODER),
+    "gemma2": _hf("gemma2", "Gemma2Model", num_key_value_heads=2, head_dim=16, **_TINY_DECODER),
+    "qwen2_moe": _hf("qwen2_moe", "Qwen2MoeModel", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, shared_expert_intermediate_size=64, **_TINY_DECODER),
+    "mixtral": _hf("mixtral", "MixtralModel", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                   **_TINY_DECODER),
+    "gptj": _hf("gptj", "GPTJModel", n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=1000,
+                use_cache=False),
+    "codegen": _hf("codegen", "CodeGenModel", n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=1000,
+                   use_cache=False),
+    "gpt_bigcode": _hf("gpt_bigcode", "GPTBigCodeModel", n_embd=64, n_layer=2, n_head=4, vocab_size=1000,
+                       use_cache=False),
+    "starcoder2": _hf("starcoder2", "Starcoder2Model", num_key_value_heads=2, **_TINY_DECODER),
+    "stablelm": _hf("stablelm", "StableLmModel", num_key_value_heads=2, **_TINY_DECODER),
+    "olmo": _hf("olmo", "OlmoModel", num_key_value_heads=2, **_TINY_DECODER),
+    "granite": _hf("granite", "GraniteModel", num_key_value_heads=2, **_TINY_DECODER),
+    "mamba": _hf("mamba", "MambaModel", hidden_size=64, num_hidden_layers=2, state_size=8, vocab_size=1000,
+                 use_cache=False),
+    "squeezebert": _hf("squeezebert", "SqueezeBertModel", embedding_size=64, q_groups=2, k_groups=2, v_groups=2,
+                       post_attention_groups=2, intermediate_groups=2, output_groups=2, **_SMALL),
+    "funnel": _hf("funnel", "FunnelBaseModel", d_model=64, n_head=4, d_head=16, d_inner=128, block_sizes=[1, 1],
+                  vocab_size=1000),
+    "megatron_bert": _hf("megatron-bert", "MegatronBertModel", **_SMALL),
+    "levit": _hf("levit", "LevitModel", text=False, image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2],
+                 depths=[1, 1, 1], key_dim=[8, 8, 8]),
+    "efficientnet_hf": _hf("efficientnet", "EfficientNetModel", text=False, image_size=64, width_coefficient=0.25,
+                           depth_coefficient=0.25, hidden_dim=320),
+    "convnextv2": _hf("convnextv2", "ConvNextV2Model", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
+                      depths=[1, 1, 1, 1]),
+    "regnet_hf": _hf("regnet", "RegNetModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
+                     depths=[1, 1, 1, 1], groups_width=8, embedding_size=16),
+    "poolformer": _hf("poolformer", "PoolFormerModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
+                      depths=[1, 1, 1, 1]),
+    "pvt": _hf("pvt", "PvtModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+               num_attention_heads=[1, 2, 4, 8]),
+    "mobilenet_v2_hf": _hf("mobilenet_v2", "MobileNetV2Model", text=False, image_size=64, depth_multiplier=0.5),
+    "yolos": _hf("yolos", "YolosModel", text=False, image_size=[64, 64], patch_size=16, num_detection_tokens=10,
+                 **_SMALL),
+    "hubert": _hf_inputs("hubert", "HubertModel", _wave, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, conv_dim=[32, 32, 32], conv_stride=[5, 2, 2], conv_kernel=[10, 3, 3],
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+    "wavlm": _hf_inputs("wavlm", "WavLMModel", _wave, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, conv_dim=[32, 32, 32], conv_stride=[5, 2, 2], conv_kernel=[10, 3, 3],
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+}
 
 # ------------------------------------------------------------------------------------------------------------ harness
 class _Timeout(Exception):
@@ -442,9 +492,11 @@ def _hf_alternative(model: nn.Module, example: tuple) -> tuple[str, nn.Module]:
 
 def _models(args: argparse.Namespace) -> list[tuple[str, Factory, bool]]:
     tv, hf = dict(TORCHVISION), dict(HUGGINGFACE)
-    if args.more or args.only:
+    if args.more or args.even_more or args.only:
         tv.update(TORCHVISION_MORE)
         hf.update(HUGGINGFACE_MORE)
+    if args.even_more or args.only:
+        hf.update(HUGGINGFACE_EVEN_MORE)
     out = [] if args.skip_tv else [(n, f, False) for n, f in tv.items()]
     out += [] if args.skip_hf else [(n, f, True) for n, f in hf.items()]
     return [m for m in out if not args.only or m[0] in args.only]
@@ -484,6 +536,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--skip-tv", action="store_true")
     parser.add_argument("--more", action="store_true",
                         help="also the quantizable / video / VGG torchvision models and more Hugging Face families")
+    parser.add_argument("--even-more", action="store_true",
+                        help="--more plus mixture-of-experts, newer decoders, hierarchical vision and speech families")
     parser.add_argument("--size", type=int, default=96, help="image side (models with a minimum use theirs)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--latency", type=int, default=0, metavar="ROUNDS",

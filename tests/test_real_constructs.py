@@ -865,3 +865,51 @@ def test_eval_mode_stochastic_depth_and_functional_dropout_vanish():
     with torch.no_grad():
         scale = [float(m.scale) for m in lowered.modules() if type(m).__name__ == "DeQuantize"][-1]
         assert float(((reference(*x) - lowered(*x)).abs() / scale).max()) <= 1.0 + 1e-3
+
+
+class _Swish(nn.Module):  # a user's / library's own stateless activation class (transformers' SiLUActivation)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class ActivationsMadeInForward(nn.Module):  # Mamba's `ACT2FN[name](x)`, `nn.GELU()(x)`: modules created per call
+    def __init__(self, fresh: Callable[[], nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fresh = nn.Linear(16, 32), nn.Linear(32, 16), fresh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fresh()(self.fc1(x))) + _Swish()(x)
+
+
+@pytest.mark.parametrize("on_inputs", (False, True))
+def test_stateless_modules_created_in_forward_are_adopted_and_the_model_is_untouched(on_inputs: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ActivationsMadeInForward().eval()
+    before = [name for name, _ in model.named_children()]
+    example = _tokens()(0)
+    if on_inputs:  # the example-driven tracer (a model plain torch.fx cannot trace) adopts them too
+        from fxquant.tracing import trace_with_inputs
+
+        traced = trace_with_inputs(model, example)
+        assert [name for name, _ in model.named_children()] == before
+        # nn.GELU stays a leaf under its adopted name; _Swish (not torch.nn) is traced into
+        assert [str(n.target) for n in traced.graph.nodes if n.op == "call_module"] == ["fc1", "_fxquant_unowned_0",
+                                                                                       "fc2"]
+        assert torch.equal(traced(*example), model(*example))
+        return
+    reference, lowered = _quantize_all(model, _tokens())
+    assert [name for name, _ in model.named_children()] == before  # nothing added to the user's model
+    x = _tokens()(3)
+    with torch.no_grad():
+        expected, ref_out, low_out = model(*x), reference(*x), lowered(*x)
+    assert _sqnr(expected, ref_out) > 12.0 and _sqnr(ref_out, low_out) > 30.0
+    torch.save(lowered, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(loaded(*x), low_out)
+
+
+def test_a_module_with_parameters_created_in_forward_is_still_refused() -> None:
+    """Fresh parameters on every call: tracing would freeze one random draw, so it stays an error naming the line."""
+    model = ActivationsMadeInForward(fresh=lambda: nn.Linear(32, 32)).eval()
+    with pytest.raises(TraceFailure, match="not installed as a submodule"):
+        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), _tokens()(0))

@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
-from .passes.trace import QuantizationTracer, _explain_failure
+from .passes.trace import QuantizationTracer, _explain_failure, release_adopted
 
 __all__ = ["trace_with_inputs", "concrete_trace", "ConcreteTracer", "GraphCodeTracer"]
 
@@ -226,6 +226,10 @@ class ConcreteTracer(_RecordsFactories, QuantizationTracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ConcreteProxy(node, self)
 
+    def on_adopt(self, name: str, mod: nn.Module) -> None:
+        if self.shadow is not None:  # the copy that computes the values calls it by the same path
+            self.shadow.add_module(name, mod)
+
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
                      type_expr: Optional[Any] = None, proxy_factory_fn: Any = None) -> fx.Proxy:
         # parameters too become ConcreteProxy (not torch.fx's ParameterProxy): `.dtype` and sizes answer from values
@@ -277,12 +281,13 @@ def concrete_trace(tracer: ConcreteTracer, model: nn.Module) -> fx.GraphModule:
     tracer.shadow = copy.deepcopy(model)
     try:
         graph = tracer.trace(model)
+        # torch.load rebuilds a pickled GraphModule by re-tracing its generated code with a subclass of the recorded
+        # tracer class, constructed without arguments
+        graph._tracer_cls = GraphCodeTracer
+        return fx.GraphModule(model, graph, type(model).__name__)
     finally:
         tracer.shadow = None
-    # torch.load rebuilds a pickled GraphModule by re-tracing its generated code with a subclass of the recorded
-    # tracer class, constructed without arguments
-    graph._tracer_cls = GraphCodeTracer
-    return fx.GraphModule(model, graph, type(model).__name__)
+        release_adopted(model)
 
 
 def trace_with_inputs(model: nn.Module, example_inputs: tuple, non_traceable_module_names: Sequence[str] = (),

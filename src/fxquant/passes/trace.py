@@ -5,6 +5,9 @@ Before::  MyNet(nn.Module)              After::  GraphModule with call_module no
 Every node gets ``node.meta["fxquant_scope"] = (module_path, module_type)`` — the module whose forward created it
 (used to resolve qconfigs of functions), and, when example inputs are given, ``node.meta["fxquant_value"]``
 describing its run-time value (tensor or not, floating or not) so that observers go only where float tensors flow.
+A module created while the forward runs (``nn.SiLU()(x)``, Hugging Face's ``ACT2FN[name](x)``) is not a submodule,
+and torch.fx refuses it; a stateless one (no parameters or buffers) is adopted instead: it becomes a
+submodule of the traced graph named ``_fxquant_unowned_<i>`` (the user's model is left as it was).
 A model that cannot be traced raises :class:`TraceFailure` naming the module path, the source line, the likely cause
 and the fix. A model torch.fx cannot trace as it comes can be traced by the user (any tracer) and given as a
 GraphModule: the modules its graph calls stay leaves.
@@ -24,7 +27,10 @@ from torch import fx, nn
 
 from ..pipeline import Context, register_pass
 
-__all__ = ["trace", "QuantizationTracer", "TraceFailure", "ValueInfo", "annotate_values"]
+__all__ = ["trace", "QuantizationTracer", "TraceFailure", "ValueInfo", "annotate_values", "ADOPTED_PREFIX",
+           "release_adopted"]
+
+ADOPTED_PREFIX = "_fxquant_unowned_"
 
 
 class TraceFailure(RuntimeError):
@@ -54,6 +60,26 @@ class QuantizationTracer(fx.Tracer):
         self.path_stack: list[tuple[str, type]] = []
         self.failure_stack: Optional[list[tuple[str, type]]] = None  # the module stack when tracing failed
         self.traced_into: tuple[type, ...] = ()  # torch.nn classes traced into (symbolic_trace: TRACED_INTO)
+        self.adopted = 0  # modules created in the forward, adopted as submodules (path_of_module)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        """torch.fx's path of a submodule; a stateless module the forward creates on the fly (not a
+        submodule) is adopted under a new name instead of failing (see the module docstring)."""
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            if not _adoptable(mod):
+                raise
+        name = f"{ADOPTED_PREFIX}{self.adopted}"
+        self.adopted += 1
+        self.root.add_module(name, mod)  # GraphModule(root, graph) copies it from there; release_adopted removes it
+        if self.submodule_paths is not None:
+            self.submodule_paths[mod] = name
+        self.on_adopt(name, mod)
+        return name
+
+    def on_adopt(self, name: str, mod: nn.Module) -> None:
+        """Hook for tracers holding a copy of the root."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.skipped_names or (bool(self.skipped_classes)
@@ -72,6 +98,18 @@ class QuantizationTracer(fx.Tracer):
             raise
         finally:
             self.path_stack.pop()
+
+
+def _adoptable(mod: nn.Module) -> bool:
+    """A module with no parameters or buffers: creating it in the forward is the same as holding one (one with
+    parameters would get fresh random ones on every call: tracing it would freeze one draw, so it stays an error)."""
+    return next(iter(mod.parameters()), None) is None and next(iter(mod.buffers()), None) is None
+
+
+def release_adopted(model: nn.Module) -> None:
+    """Remove the modules a tracer adopted from the user's ``model`` (the traced GraphModule keeps them)."""
+    for name in [n for n in model._modules if n.startswith(ADOPTED_PREFIX)]:
+        del model._modules[name]
 
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
@@ -202,6 +240,7 @@ def _trace(model: nn.Module, ctx: Context, names: list[str], classes: list[type]
                 raise _explain_failure(exc, tracer, model) from exc
             return _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc, traced_into)
     finally:  # torch.fx stores tensor constants of the forward on the traced root: the user's model stays as it was
+        release_adopted(model)
         added = (set(model.__dict__) | set(model._buffers) | set(model._parameters)) - own
         for name in added:
             if name.startswith("_tensor_constant"):
