@@ -249,3 +249,38 @@ def test_dequantize_module_equals_the_reference_formula_and_gives_exact_zeros(sc
     assert got[q == zero_point].eq(0).all()
     assert torch.allclose(got, reference, rtol=1e-6, atol=abs(zero_point * scale) * 2.0 ** -22)
     assert uint8.fold_safe(scale, zero_point) == (abs(scale * zero_point) <= uint8.FOLD_LIMIT)
+
+
+def _reference_binary(op, a, b, qa, qb, qo, relu=False):
+    fa = (a.to(torch.float32) - qa[1]) * torch.tensor(qa[0])
+    fb = (b.to(torch.float32) - qb[1]) * torch.tensor(qb[0])
+    y = fa + fb if op == "add" else fa * fb
+    y = torch.relu(y) if relu else y
+    return fxquant.ops.quantize_per_tensor(y, qo[0], qo[1], 0, 255, torch.uint8)
+
+
+@pytest.mark.parametrize("op", ("add", "mul"))
+@pytest.mark.parametrize("b_qparams", ((0.02, 130), (1.33e36, 255), (1e30, 7)))
+def test_binary_with_ranges_far_apart_follows_the_reference(op, b_qparams):
+    """A QAT model's ``logits + mask`` (the mask's range ~1e38, the output's ~10) made the folded constants
+    overflow float32 (RuntimeError in convert_fx's model) or cancel to garbage: such ranges run in the
+    reference's order, and a zero point stays an exact zero."""
+    from fxquant.nn.quantized import QuantizedBinary
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 256, (2, 4, 8, 8), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 4, 8, 8), generator=g, dtype=torch.uint8)
+    b[:, :2] = b_qparams[1]  # half the "mask" at its zero point: adds exactly nothing
+    qa, qo = (0.05, 120), (0.04, 128)
+    got = QuantizedBinary(op, qa, b_qparams, qo)(a, b)
+    expected = _reference_binary(op, a, b, qa, b_qparams, qo)
+    assert (got.int() - expected.int()).abs().max() <= 1
+
+
+def test_requantize_between_ranges_far_apart_keeps_the_zero_point_exact():
+    from fxquant.nn.quantized import Requantize
+
+    y = torch.tensor([255.0, 127.0, 127.0, 0.0, 126.5])
+    got = Requantize(1.33e36, 127, 0.04, 128)(y.clone())
+    expected = fxquant.ops.quantize_per_tensor((y - 127) * torch.tensor(1.33e36), 0.04, 128, 0, 255, torch.uint8)
+    assert torch.equal(got, expected)

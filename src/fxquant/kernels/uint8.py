@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d",
+__all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "folds_exactly", "STEPS_LIMIT", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d",
            "max_pool2d", "max_pool3d",
            "interpolate", "offset", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
 
@@ -84,6 +84,19 @@ FOLD_LIMIT = 2.0 ** 10
 def fold_safe(scale: float, zero_point: int) -> bool:
     """Whether ``-zero_point * scale`` may be folded into one add (see :data:`FOLD_LIMIT`)."""
     return abs(zero_point * scale) <= FOLD_LIMIT
+
+
+# An integer result computed as one float32 sum of scaled integers (``a * ka + b * kb + c``, in output steps) is
+# within 1/8 step of the exact one while every term stays below 2**20 steps (float32 keeps 24 bits). Ranges that
+# differ by more than that (an input holding an attention mask's finfo.min, requantized to a logits range) need
+# the reference's order -- dequantize each input, combine, quantize -- where a zero point stays exactly zero.
+STEPS_LIMIT = 2.0 ** 20
+
+
+def folds_exactly(*terms: float) -> bool:
+    """Whether every term (a folded constant, or a factor times the largest integer) is finite and at most
+    :data:`STEPS_LIMIT` steps."""
+    return all(math.isfinite(t) and abs(t) <= STEPS_LIMIT for t in terms)
 
 
 def table_index(q: torch.Tensor) -> torch.Tensor:
@@ -147,13 +160,19 @@ def binary(op: str, a: torch.Tensor, b: torch.Tensor, consts: tuple, relu_min: i
 
 
 def binary_consts(op: str, a_qp: tuple[float, int], b_qp: tuple[float, int], out_qp: tuple[float, int],
-                  dtype: torch.dtype) -> tuple:
-    """The constants :func:`binary` takes, from ``(scale, zero_point)`` of both inputs and the output."""
+                  dtype: torch.dtype) -> tuple | None:
+    """The constants :func:`binary` takes, from ``(scale, zero_point)`` of both inputs and the output; None where
+    the folded form would not be exact (:func:`folds_exactly`): compute as the reference does then."""
     (sa, za), (sb, zb), (so, zo) = a_qp, b_qp, out_qp
-    c = offset(zo - (za * sa / so + zb * sb / so if op == "add" else 0.0))
+    top = 256.0  # the largest |integer| of any 8-bit input
     if op == "add":
-        return sa / so, sb / so, c
-    return sa * sb / so, offset(-za) if za else None, offset(-zb) if zb else None, c
+        ka, kb = sa / so, sb / so
+        c = zo - (za * ka + zb * kb)
+        return (ka, kb, offset(c)) if folds_exactly(ka * top, kb * top, za * ka, zb * kb, c) else None
+    k = sa * sb / so
+    if not folds_exactly(k * top * top, float(zo)):
+        return None
+    return k, offset(-za) if za else None, offset(-zb) if zb else None, offset(zo)
 
 
 def max_pool2d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -185,20 +185,24 @@ class Requantize(_ScalarModule):
         self._qparam("in_", in_scale, in_zero_point)
         self._qparam("out_", out_scale, out_zero_point)
 
-    def _build_scalars(self) -> tuple[float, torch.Tensor | None]:
+    def _build_scalars(self) -> tuple[float, torch.Tensor | None, bool]:
         same = float(self.in_scale) == float(self.out_scale) and int(self.in_zero_point) == int(self.out_zero_point)
         a = 1.0 if same else float(self.in_scale) / float(self.out_scale)
         b = float(self.out_zero_point) - float(self.in_zero_point) * a
-        return a, None if same else k.offset(b)
+        return a, None if same else k.offset(b), same or k.folds_exactly(a * 256.0, b)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             a = self.in_scale / self.out_scale
             out = torch.round(y * a + (self.out_zero_point - self.in_zero_point * a))
             return out.clamp(self.quant_min, self.quant_max).to(self.dtype)
-        a, bias = self._scalars()
+        a, bias, folds = self._scalars()
         if bias is None:  # same qparams: round y in place (the lowering gives this module y's only use)
             return k.finish(y, self.quant_min, self.quant_max, self.dtype)
+        if not folds:  # ranges far apart (k.STEPS_LIMIT): dequantize, then quantize, as the reference does
+            x = k.dequantize_exact(y, float(self.in_scale), int(self.in_zero_point))
+            return k.quantize(x, 1.0 / float(self.out_scale), k.offset(float(self.out_zero_point)), self.quant_min,
+                              self.quant_max, self.dtype)
         return k.round_to(y, a, bias, self.quant_min, self.quant_max, self.dtype)
 
     def extra_repr(self) -> str:
@@ -227,14 +231,14 @@ class QuantizedBinary(_ScalarModule):
         return k.binary_consts(self.op, qps[0], qps[1], qps[2], self.dtype), relu_min
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        consts, relu_min = (None, 0) if torch.compiler.is_compiling() else self._scalars()
+        if consts is None:  # tracing, or ranges too far apart to fold (k.binary_consts): the reference's order
             fa = (a.to(torch.float32) - self.a_zero_point) * self.a_scale
             fb = (b.to(torch.float32) - self.b_zero_point) * self.b_scale
             y = fa + fb if self.op == "add" else fa * fb
             y = torch.relu(y) if self.relu else y
             q = torch.round(y / self.out_scale + self.out_zero_point)
             return q.clamp(self.quant_min, self.quant_max).to(self.dtype)
-        consts, relu_min = self._scalars()
         if self.op == "add" and a.dim() == 4 and a.shape == b.shape and a.dtype == b.dtype == self.dtype == \
                 torch.uint8 and a.is_cpu and self._onednn_add(a):
             return self._run_onednn_add(a, b)
