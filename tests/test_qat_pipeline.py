@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 import pickle
 import warnings
 
@@ -330,3 +331,47 @@ def test_convert_time_none_turns_a_qat_module_back_to_float():
     mapping = x86_mapping(fxquant).set_module_name("fc", None)
     converted = convert_to_reference_fx(prepared.eval(), qconfig_mapping=mapping)
     assert type(converted.fc) is nn.Linear
+
+
+class _ShiftedScale(nn.Module):  # Gemma's RMSNorm: x_normed * (1.0 + weight), weight initialised to zeros
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.weight = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        return self.fc(x) * (1.0 + self.weight)
+
+
+def test_scalar_op_gets_its_own_moving_average_fake_quant_and_keeps_its_range():
+    """``1.0 + w`` shares w's observer in torch.ao's tables; a moving-average fake quant called on both w (zeros)
+    and 1.0 + w (ones) settles on a blend near 0 and clamps the ones: the product came out ~0 (0.3 dB on Gemma)."""
+    torch.manual_seed(0)
+    model = _ShiftedScale().train()
+    x = torch.randn(16, 8)
+    prepared = prepare_qat_fx(copy.deepcopy(model), x86_mapping(fxquant), (x,))
+    fakes = {n.name: prepared.get_submodule(str(n.target)) for n in prepared.graph.nodes
+             if n.op == "call_module" and isinstance(prepared.get_submodule(str(n.target)), FQ.FakeQuantizeBase)}
+    add = next(n for n in prepared.graph.nodes if n.op == "call_function" and n.target in (torch.add, operator.add))
+    w_fq = prepared.get_submodule(str(add.args[1].target))
+    add_fq = prepared.get_submodule(str(next(iter(add.users)).target))
+    assert w_fq is not add_fq and len(set(map(id, fakes.values()))) == len(fakes)
+    for _ in range(20):
+        prepared(x)
+    prepared.eval()
+    with torch.no_grad():
+        expected = model.eval()(x)
+        assert _sqnr(expected, prepared(x)) > 25
+        assert _sqnr(expected, convert_fx(copy.deepcopy(prepared))(x)) > 25
+
+
+def test_post_training_scalar_op_still_shares_torch_ao_s_union_observer():
+    model = _ShiftedScale().eval()
+    x = torch.randn(16, 8)
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping("x86"), (x,))
+    add = next(n for n in prepared.graph.nodes if n.op == "call_function" and n.target in (torch.add, operator.add))
+    assert prepared.get_submodule(str(add.args[1].target)) is prepared.get_submodule(str(next(iter(add.users)).target))
+
+
+def _sqnr(ref, out):
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-20)))

@@ -27,6 +27,7 @@ class QSpec:
     dtype: torch.dtype = torch.float32
     is_dynamic: bool = False
     obs_cls: Optional[type] = None  # class of what ctor builds
+    blends: bool = False  # two tensors observed by one instance give a blend of their ranges, not the union
 
     @property
     def quantized(self) -> bool:

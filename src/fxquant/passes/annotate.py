@@ -41,9 +41,17 @@ def spec_of(ctor: Any) -> QSpec:
     dtype = normalize_dtype(getattr(obs, "dtype", torch.float32)) or torch.float32
     if dtype == torch.float:
         dtype = torch.float32
-    spec = QSpec(ctor, dtype, bool(getattr(obs, "is_dynamic", False)), type(obs))
+    spec = QSpec(ctor, dtype, bool(getattr(obs, "is_dynamic", False)), type(obs), _blends(obs))
     _SPEC_CACHE[id(ctor)] = (ctor, spec)
     return spec
+
+
+def _blends(obs: Any) -> bool:
+    """Whether calling ``obs`` on two tensors gives something other than the union of their ranges: moving
+    averages (QAT's default fake quants) and learnable scales."""
+    inner = getattr(obs, "activation_post_process", None)
+    return hasattr(obs, "averaging_constant") or hasattr(inner, "averaging_constant") or \
+        any(p.requires_grad for p in obs.parameters())
 
 
 def is_float_tensor(node: Any) -> bool:
@@ -57,12 +65,19 @@ def is_float_tensor(node: Any) -> bool:
     return info.is_tensor and info.is_float
 
 
-def _observation_type(cfg: Any, root: fx.Node) -> ObservationType:
+def _observation_type(cfg: Any, root: fx.Node, act: QSpec) -> ObservationType:
     table = getattr(cfg, "_num_tensor_args_to_observation_type", None) or {}
     if table:
         n = sum(1 for a in root.args if is_float_tensor(a))
         if n in table:
-            return table[n]
+            kind = table[n]
+            # `x + 1.0`, `x * 0.125`: the backend shares one observer between x and the result (torch.ao's tables
+            # do); a union-of-ranges observer then covers both, but a moving average alternates between the two
+            # ranges and converges to a blend that clamps each of them (Gemma's RMSNorm `1.0 + weight` in QAT:
+            # output ~0). Those get an observer of their own.
+            if n == 1 and kind == ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT and act.blends:
+                return ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT
+            return kind
     return cfg.observation_type
 
 
@@ -111,8 +126,8 @@ def _annotate_match(m: Match, ctx: Context, index: dict[str, int], cache: dict[A
         for n in m.nodes:
             set_annotation(n, _float(reason, qconfig, m))
         return
-    obs_type = _observation_type(m.config, m.root)
     act = spec_of(qconfig.activation)
+    obs_type = _observation_type(m.config, m.root, act)
     observed = obs_type != ObservationType.INPUT_OUTPUT_NOT_OBSERVED
     for n in m.nodes:
         out_spec = act if (observed and not act.is_dynamic and is_float_tensor(n)) else FLOAT
