@@ -913,3 +913,34 @@ def test_a_module_with_parameters_created_in_forward_is_still_refused() -> None:
     model = ActivationsMadeInForward(fresh=lambda: nn.Linear(32, 32)).eval()
     with pytest.raises(TraceFailure, match="not installed as a submodule"):
         fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), _tokens()(0))
+
+
+class _CachesInEval(nn.Module):  # LeViT's attention: `self.attention_bias_cache[str(device)] = biases[:, idxs]`
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.biases = nn.Parameter(torch.randn(16))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            key = str(x.device)
+            if key not in self.cache:
+                self.cache[key] = self.biases * 2
+            return self.fc(x) + self.cache[key]
+        return self.fc(x) + self.biases * 2
+
+
+def test_tracing_leaves_no_proxy_in_a_module_cache() -> None:
+    """Tracing filled the model's cache with a Proxy: a second prepare (or a plain call) then read a value of a dead
+    graph ('cannot trace ... LevitAttention' on the second prepare_fx of LeViT)."""
+    model = _Holder(_CachesInEval()).eval()
+    x = _tokens()(0)
+    for _ in range(2):
+        prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), x)
+        prepared(*x)
+    assert model.inner.cache == {}  # as it was before tracing
+    with torch.no_grad():
+        expected = model.inner.fc(model.fc(x[0])) + model.inner.biases * 2
+        torch.testing.assert_close(model(*x), expected)
+        torch.testing.assert_close(prepared(*x), expected)

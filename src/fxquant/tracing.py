@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
-from .passes.trace import QuantizationTracer, _explain_failure, release_adopted
+from .passes.trace import QuantizationTracer, _explain_failure, preserve_python_state, release_adopted
 
 __all__ = ["trace_with_inputs", "concrete_trace", "ConcreteTracer", "GraphCodeTracer"]
 
@@ -280,11 +280,12 @@ def concrete_trace(tracer: ConcreteTracer, model: nn.Module) -> fx.GraphModule:
     """Trace ``model`` in its current mode; values are computed on a copy, so the model's state is untouched."""
     tracer.shadow = copy.deepcopy(model)
     try:
-        graph = tracer.trace(model)
-        # torch.load rebuilds a pickled GraphModule by re-tracing its generated code with a subclass of the recorded
-        # tracer class, constructed without arguments
-        graph._tracer_cls = GraphCodeTracer
-        return fx.GraphModule(model, graph, type(model).__name__)
+        with preserve_python_state(model):  # (the GraphModule copies torch.fx's constants off the root first)
+            graph = tracer.trace(model)
+            # torch.load rebuilds a pickled GraphModule by re-tracing its generated code with a subclass of the
+            # recorded tracer class, constructed without arguments
+            graph._tracer_cls = GraphCodeTracer
+            return fx.GraphModule(model, graph, type(model).__name__)
     finally:
         tracer.shadow = None
         release_adopted(model)

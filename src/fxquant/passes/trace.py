@@ -14,13 +14,14 @@ GraphModule: the modules its graph calls stay leaves.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import traceback
 import typing
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import fx, nn
@@ -28,7 +29,7 @@ from torch import fx, nn
 from ..pipeline import Context, register_pass
 
 __all__ = ["trace", "QuantizationTracer", "TraceFailure", "ValueInfo", "annotate_values", "ADOPTED_PREFIX",
-           "release_adopted"]
+           "release_adopted", "preserve_python_state"]
 
 ADOPTED_PREFIX = "_fxquant_unowned_"
 
@@ -104,6 +105,41 @@ def _adoptable(mod: nn.Module) -> bool:
     """A module with no parameters or buffers: creating it in the forward is the same as holding one (one with
     parameters would get fresh random ones on every call: tracing it would freeze one draw, so it stays an error)."""
     return next(iter(mod.parameters()), None) is None and next(iter(mod.buffers()), None) is None
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+@contextlib.contextmanager
+def preserve_python_state(model: nn.Module) -> Iterator[None]:
+    """Undo what tracing writes into the model's plain Python attributes.
+
+    A forward that caches into its module (LeViT's ``self.attention_bias_cache[device] = ...`` in eval mode) stores a
+    torch.fx Proxy there while being traced: the next trace, or a plain call, then reads a value of a dead graph.
+    Attributes (other than nn.Module's own bookkeeping) are put back as they were, and dict / list / set contents
+    too."""
+    saved = []
+    for mod in model.modules():
+        state = {k: v for k, v in mod.__dict__.items() if k not in _MODULE_INTERNALS}
+        contents = {k: (type(v)(v) if type(v) in (dict, list, set) else None) for k, v in state.items()}
+        saved.append((mod, state, contents))
+    try:
+        yield
+    finally:
+        for mod, state, contents in saved:
+            for key in [k for k in mod.__dict__ if k not in _MODULE_INTERNALS and k not in state]:
+                del mod.__dict__[key]
+            for key, value in state.items():
+                mod.__dict__[key] = value
+                kept = contents[key]
+                if kept is not None and (len(value) != len(kept) or any(
+                        a is not b for a, b in zip(_items(value), _items(kept)))):
+                    value.clear()
+                    value.update(kept) if isinstance(value, (dict, set)) else value.extend(kept)
+
+
+def _items(c: Any) -> list[Any]:
+    return [x for kv in c.items() for x in kv] if isinstance(c, dict) else list(c)
 
 
 def release_adopted(model: nn.Module) -> None:
@@ -233,12 +269,13 @@ def _trace(model: nn.Module, ctx: Context, names: list[str], classes: list[type]
     tracer.proxy_buffer_attributes = isinstance(model, fx.GraphModule)
     own = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
     try:
-        try:
-            return fx.GraphModule(model, tracer.trace(model), type(model).__name__), tracer
-        except Exception as exc:  # torch.fx raises many types; all are reported the same way
-            if not ctx.example_inputs:
-                raise _explain_failure(exc, tracer, model) from exc
-            return _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc, traced_into)
+        with preserve_python_state(model):
+            try:
+                return fx.GraphModule(model, tracer.trace(model), type(model).__name__), tracer
+            except Exception as exc:  # torch.fx raises many types; all are reported the same way
+                if not ctx.example_inputs:
+                    raise _explain_failure(exc, tracer, model) from exc
+                return _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc, traced_into)
     finally:  # torch.fx stores tensor constants of the forward on the traced root: the user's model stays as it was
         release_adopted(model)
         added = (set(model.__dict__) | set(model._buffers) | set(model._parameters)) - own
