@@ -944,3 +944,36 @@ def test_tracing_leaves_no_proxy_in_a_module_cache() -> None:
         expected = model.inner.fc(model.fc(x[0])) + model.inner.biases * 2
         torch.testing.assert_close(model(*x), expected)
         torch.testing.assert_close(prepared(*x), expected)
+
+
+class WeightNormConv(nn.Module):  # wav2vec2 / HuBERT positional conv: weight_norm as a parametrization
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 16, 3, padding=1, groups=4), dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y + self.conv(y.transpose(1, 2)).transpose(1, 2)
+
+
+def test_parametrized_modules_are_baked_so_converted_models_save(tmp_path) -> None:
+    """A parametrized module stays float (no pattern for its generated class) and made the converted model
+    unpicklable ('Serialization of parametrized modules is only supported through state_dict()')."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = WeightNormConv().eval()
+    reference, lowered = _quantize_all(model, _tokens())
+    assert parametrize.is_parametrized(model.conv)  # the user's model keeps its parametrization
+    x = _tokens()(3)
+    for converted in (reference, lowered):
+        assert not any(parametrize.is_parametrized(m) for m in converted.modules())
+        with torch.no_grad():
+            out = converted(*x)
+        torch.save(converted, tmp_path / "m.pt")
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(*x), out)
+        fxquant.save(converted, tmp_path / "m.fxq")
+        assert torch.equal(fxquant.load(tmp_path / "m.fxq")(*x), out)
+    with torch.no_grad():
+        assert _sqnr(model(*x), lowered(*x)) > 15.0

@@ -5,9 +5,9 @@ A mode is a different tuple, never a flag threaded through functions::
     PREPARE     = trace, fuse, assign_qconfig, special_modules, annotate, share, observe, quantized_io,
                   record_state, verify_prepared
     PREPARE_QAT = the same with qat_swap after assign_qconfig
-    REFERENCE   = quantized_inputs, to_reference, quantized_outputs, verify_reference
-    CONVERT     = quantized_inputs, to_reference, quantized_outputs, verify_reference, lower, cleanup,
-                  quantized_io_attach, verify_lowered, sign_lowered
+    REFERENCE   = quantized_inputs, to_reference, quantized_outputs, bake_parametrizations, verify_reference
+    CONVERT     = quantized_inputs, to_reference, quantized_outputs, bake_parametrizations, verify_reference, lower,
+                  cleanup, quantized_io_attach, verify_lowered, sign_lowered
 
 (``quantized_*`` passes do nothing unless PrepareCustomConfig declares quantized inputs / outputs.)
 
@@ -38,10 +38,10 @@ PREPARE = ("trace", "fuse", "assign_qconfig", "addmm_as_linear", "special_module
            "quantized_io", "record_state", "verify_prepared")
 PREPARE_QAT = ("trace", "fuse", "assign_qconfig", "addmm_as_linear", "qat_swap", "special_modules", "annotate",
                "share", "observe", "quantized_io", "record_state", "verify_prepared")
-REFERENCE = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference")
+REFERENCE = ("quantized_inputs", "to_reference", "quantized_outputs", "bake_parametrizations", "verify_reference")
 # convert_fx; lowering passes join this tuple as they land (see passes/lower*.py)
-CONVERT = ("quantized_inputs", "to_reference", "quantized_outputs", "verify_reference", "lower", "cleanup",
-           "quantized_io_attach", "verify_lowered", "sign_lowered")
+CONVERT = ("quantized_inputs", "to_reference", "quantized_outputs", "bake_parametrizations", "verify_reference",
+           "lower", "cleanup", "quantized_io_attach", "verify_lowered", "sign_lowered")
 
 
 @dataclass

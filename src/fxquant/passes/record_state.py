@@ -41,11 +41,21 @@ class NodeRecord:
     reason: str
 
 
+def _plain_type(cls: Any) -> Any:
+    """``cls`` itself, or for the class torch.nn.utils.parametrize generates over a parametrized module (not
+    importable, so not picklable) the module's own class."""
+    if isinstance(cls, type) and cls.__module__ == "torch.nn.utils.parametrize" and \
+            cls.__name__.startswith("Parametrized") and cls.__bases__:
+        return cls.__bases__[0]
+    return cls
+
+
 def _record(node: fx.Node, modules: dict[str, Any]) -> NodeRecord:
     scope_path, scope_type = node.meta.get("fxquant_scope", ("", None))
+    scope_type = _plain_type(scope_type)
     ann = get_annotation(node)
     if node.op == "call_module":
-        return NodeRecord(node.op, type(modules[str(node.target)]), str(node.target), scope_type,
+        return NodeRecord(node.op, _plain_type(type(modules[str(node.target)])), str(node.target), scope_type,
                           node.meta.get(QCONFIG_KEY), ann.reason)
     target = node.meta.get(REWRITTEN_FROM, node.target)  # a convert-time QConfigMapping names the user's op
     return NodeRecord(node.op, target, scope_path, scope_type, node.meta.get(QCONFIG_KEY), ann.reason)
