@@ -284,3 +284,23 @@ def test_requantize_between_ranges_far_apart_keeps_the_zero_point_exact():
     got = Requantize(1.33e36, 127, 0.04, 128)(y.clone())
     expected = fxquant.ops.quantize_per_tensor((y - 127) * torch.tensor(1.33e36), 0.04, 128, 0, 255, torch.uint8)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("gate_first", (False, True))
+@pytest.mark.parametrize("qa, qb", (((0.05, 3), (1 / 256, 0)), ((0.05, 0), (0.02, 17)), ((0.1, 200), (0.03, 90))))
+def test_broadcast_product_by_small_side_factors_is_within_one_step(gate_first, qa, qb):
+    """A squeeze-excite gate (N, C, 1, 1) times the feature map runs as one addcmul over the map with per-channel
+    factors; either operand order, any zero points, channels-last kept."""
+    from fxquant.nn.quantized import QuantizedBinary
+
+    g = torch.Generator().manual_seed(4)
+    fmap = torch.randint(0, 256, (2, 24, 9, 9), generator=g, dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    gate = torch.randint(0, 256, (2, 24, 1, 1), generator=g, dtype=torch.uint8)
+    qo = (0.04, 2)
+    a, b, qpa, qpb = (gate, fmap, qb, qa) if gate_first else (fmap, gate, qa, qb)
+    got = QuantizedBinary("mul", qpa, qpb, qo)(a, b)
+    expected = _reference_binary("mul", a, b, qpa, qpb, qo)
+    assert (got.int() - expected.int()).abs().max() <= 1
+    assert (got != expected).float().mean() < 0.02
+    assert got.is_contiguous(memory_format=torch.channels_last)

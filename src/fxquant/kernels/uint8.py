@@ -154,9 +154,28 @@ def binary(op: str, a: torch.Tensor, b: torch.Tensor, consts: tuple, relu_min: i
         y = torch.add(torch.add(c, a, alpha=ka), b, alpha=kb)  # out of place: a and b may broadcast
     else:
         k, neg_za, neg_zb, c = consts
-        y = torch.mul(a, k) if neg_za is None else torch.add(neg_za, a).mul_(k)
-        y = torch.mul(y, b if neg_zb is None else torch.add(neg_zb, b)).add_(c)
+        if min(a.numel(), b.numel()) * _BROADCAST_RATIO <= max(a.numel(), b.numel()):
+            y = _scaled_by_small(a, b, k, neg_za, neg_zb, c)
+        else:
+            y = torch.mul(a, k) if neg_za is None else torch.add(neg_za, a).mul_(k)
+            y = torch.mul(y, b if neg_zb is None else torch.add(neg_zb, b)).add_(c)
     return finish(y, max(relu_min, quant_min), quant_max, dtype)
+
+
+# a product whose one operand broadcasts over the other (a squeeze-excite gate of shape (N, C, 1, 1) times the
+# feature map): folding everything into per-element factors of the small side leaves one pass over the big one,
+# ``addcmul(offsets, big, factors)``, instead of three (16x96x14x14 times 16x96x1x1: 2.1 vs 3.3 ms; the same at
+# batch 1, where the op count decides)
+_BROADCAST_RATIO = 8
+
+
+def _scaled_by_small(a: torch.Tensor, b: torch.Tensor, k: float, neg_za: Offset | None, neg_zb: Offset | None,
+                     c: Offset) -> torch.Tensor:
+    """``(a - za) * k * (b - zb) + c`` as ``big * f + (c - z_big * f)`` with ``f = k * (small - z_small)``."""
+    big, small, neg_big, neg_small = (a, b, neg_za, neg_zb) if b.numel() <= a.numel() else (b, a, neg_zb, neg_za)
+    factor = (small.to(torch.float32) if neg_small is None else torch.add(neg_small, small)).mul_(k)
+    shift = c if neg_big is None else torch.addcmul(c, factor, neg_big)
+    return torch.addcmul(shift, big, factor)
 
 
 def binary_consts(op: str, a_qp: tuple[float, int], b_qp: tuple[float, int], out_qp: tuple[float, int],
