@@ -235,3 +235,21 @@ def test_narrow_weight_range_is_respected_after_convert():
     q = ref.get_submodule("0").weight_int
     assert int(q.min()) >= -8 and int(q.max()) <= 7
     assert int(q.max()) == 7 or int(q.min()) == -8  # the range is used, not a narrower one
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("half", ("model", "inputs"))
+def test_half_precision_model_is_refused_with_the_fix(dtype, half):
+    """A bf16 / fp16 model (Hugging Face checkpoints often load so) would fail deep in the reference model (torch.ao:
+    'Quantize only works on Float Tensor'); prepare_fx names the first half-precision tensor and the fix."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    if half == "model":
+        model = model.to(dtype)
+    else:
+        x = x.to(dtype)
+    expected = "parameter '0.weight'" if half == "model" else "example input '0'"
+    with pytest.raises(TypeError, match=f"{expected} is {dtype}.*model.float()"):
+        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (x,))
+    with pytest.raises(TypeError, match="half-precision"):
+        fxquant.prepare_qat_fx(model.train(), fxquant.get_default_qat_qconfig_mapping("x86"), (x,))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import torch
 from torch import fx, nn
 
 from . import pipeline
@@ -35,10 +36,27 @@ def _check_example_inputs(example_inputs: Any) -> tuple:
     return example_inputs
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_float32(model: nn.Module, example_inputs: tuple) -> None:
+    """Half-precision models are refused with the fix: their quantize / dequantize boundaries would meet float32
+    dequantized values (torch.ao fails there too, later: "Quantize only works on Float Tensor, got BFloat16")."""
+    tensors = [("parameter", n, t) for n, t in model.named_parameters()] + \
+        [("buffer", n, t) for n, t in model.named_buffers()] + \
+        [("example input", str(i), x) for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)]
+    where = next((f"{kind} '{name}' is {t.dtype}" for kind, name, t in tensors if t.dtype in _HALF), None)
+    if where is not None:
+        raise TypeError(f"fxquant quantizes float32 models, and this one holds half-precision values: {where}. "
+                        f"Fix: call model.float() (and give float32 example inputs) before prepare_fx; the converted "
+                        f"model runs int8 kernels with float32 between them, or float16 ones under a float16 qconfig")
+
+
 def _prepare(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, prepare_custom_config: Any,
              backend_config: Any, is_qat: bool, is_standalone: bool = False) -> fx.GraphModule:
     if qconfig_mapping is None:
         raise TypeError("prepare_fx needs a qconfig_mapping, e.g. fxquant.get_default_qconfig_mapping('x86')")
+    _check_float32(model, _check_example_inputs(example_inputs))
     ctx = Context(qconfig_mapping=_coerce(qconfig_mapping, ".qconfig_mapping.QConfigMapping"),
                   backend_config=_coerce(backend_config, ".backend_config.BackendConfig"),
                   example_inputs=_check_example_inputs(example_inputs),
