@@ -296,3 +296,15 @@ def test_lowered_rows_measure_the_same_local_error_as_the_reference():
     for name in shared:
         ref, low = ref_rows[name].local_sqnr, low_rows[name].local_sqnr
         assert low is not None and low > min(ref - 6.0, 25.0), (name, ref, low)
+
+
+def test_sqnr_leaves_out_positions_where_the_float_value_is_not_finite():
+    """An attention mask of -inf (or finfo.min, whose dequantized value may overflow to -inf) is no error, and it must
+    not make the mask the worst row of a report. A NaN / inf where the float value is an ordinary number still is."""
+    ref = torch.tensor([0.0, 1.0, float("-inf"), 2.0])
+    assert sqnr(ref, torch.tensor([0.0, 1.0, -3.4e38, 2.0])) == float("inf")
+    assert sqnr(ref, torch.tensor([0.0, 1.1, -1.0, 2.0])) == pytest.approx(10 * math.log10(5.0 / 0.01), rel=1e-4)
+    assert sqnr(ref, torch.tensor([0.0, float("nan"), -3.4e38, 2.0])) == float("-inf")
+    fmin = torch.finfo(torch.float32).min  # a finfo.min mask whose dequantized value overflowed to -inf
+    assert sqnr(torch.tensor([0.0, fmin, 1.0]), torch.tensor([0.0, float("-inf"), 1.0])) == float("inf")
+    assert sqnr(torch.tensor([0.0, -1.0, 1.0]), torch.tensor([0.0, float("-inf"), 1.0])) < -300.0

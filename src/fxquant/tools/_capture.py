@@ -152,16 +152,23 @@ def sqnr(reference: Any, test: Any) -> Optional[float]:
     """Signal-to-quantization-noise ratio in dB, ``10 log10(sum(ref^2) / sum((ref - test)^2))``.
 
     ``inf`` when equal; ``None`` when the values are not comparable (not float tensors, different shapes).
+    Positions where ``reference`` is not finite are left out.
     """
     ref, tst = _flat(reference), _flat(test)
     ref = None if ref is None else [t.detach() for t in ref]
     tst = None if tst is None else [t.detach() for t in tst]
     if ref is None or tst is None or len(ref) != len(tst) or any(a.shape != b.shape for a, b in zip(ref, tst)):
         return None
-    signal = sum(float(a.double().pow(2).sum()) for a in ref)
-    noise = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(ref, tst))
+    # positions where the float model itself is inf / NaN (an attention mask of -inf) carry no measurable signal,
+    # and no quantized tensor can hold them: they are left out rather than making every mask the "worst layer"
+    # and a quantized value that overflowed to +-inf (a finfo.min mask dequantized: (0 - zp) * scale rounds past
+    # the largest float32) counts as that largest float32, which the float model's value then is
+    finite = [torch.isfinite(a) for a in ref]
+    big = torch.finfo(torch.float32).max
+    signal = sum(float(a.double()[f].pow(2).sum()) for a, f in zip(ref, finite))
+    noise = sum(float((a.double() - b.double().clamp(-big, big))[f].pow(2).sum()) for a, b, f in zip(ref, tst, finite))
     if not math.isfinite(noise) or not math.isfinite(signal):
-        return float("-inf")  # NaN / inf where the float model is finite (or the reverse): as bad as it gets
+        return float("-inf")  # NaN / inf where the float model is finite: as bad as it gets
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
