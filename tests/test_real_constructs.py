@@ -349,6 +349,22 @@ def test_finfo_min_mask_add_dequantizes_exactly_before_the_float_softmax() -> No
     assert _sqnr(ref_out, low_out) > 60.0
 
 
+def test_convert_warns_about_values_observed_with_sentinel_ranges() -> None:
+    """Quantizing logits + a finfo.min mask flattens the logits (scale ~1e36): convert names the ops and the fix."""
+    torch.manual_seed(0)
+    for model, flagged in ((FinfoMinMaskAttention(), True), (SizeArithmetic(), False)):
+        inputs = _tokens() if flagged else _images()
+        prepared = fxquant.prepare_fx(model.eval(), fxquant.get_default_qconfig_mapping("x86"), inputs(0))
+        prepared(*inputs(1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fxquant.convert_fx(prepared)
+        messages = [str(w.message) for w in caught if "sentinels" in str(w.message)]
+        assert bool(messages) == flagged
+        if flagged:
+            assert "triu" in messages[0] and "add" in messages[0] and "qconfig None" in messages[0]
+
+
 def test_buffer_read_by_a_quantized_op_is_folded_like_a_weight() -> None:
     torch.manual_seed(0)
     reference, _ = _quantize_all(BufferIntoLinear(), _tokens())

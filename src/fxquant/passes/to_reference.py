@@ -251,6 +251,26 @@ def _unfinished_observers(observers: list[nn.Module]) -> list[str]:
     return out
 
 
+# an observed range this wide holds sentinels (an attention mask of torch.finfo(float32).min), not data
+SENTINEL_RANGE = 1e30
+
+
+def _sentinel_ranges(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> list[str]:
+    """The values (with their module scope) whose observer saw a magnitude beyond :data:`SENTINEL_RANGE`."""
+    out = []
+    for node in nodes:
+        obs = modules[str(node.target)]
+        obs = getattr(obs, "activation_post_process", obs)
+        lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+        if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == 1 == hi.numel()):
+            continue
+        if max(abs(float(lo)), abs(float(hi))) > SENTINEL_RANGE and not math.isinf(float(lo)):
+            src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+            scope = src.meta.get("fxquant_scope", ("", None))[0]
+            out.append(f"{src.name}" + (f" (in {scope})" if scope else ""))
+    return out
+
+
 def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str], backend_name: str) -> None:
     b = GraphBuilder(gm, backend_name)
     modules = dict(gm.named_modules(remove_duplicate=False))
@@ -260,6 +280,14 @@ def _replace_all_observers(gm: fx.GraphModule, float_nodes: set[str], backend_na
     if empty:
         warnings.warn(f"fxquant convert: {len(empty)} observer(s) saw no data, their qparams default to scale 1.0, "
                       f"zero point 0: {', '.join(empty)}. Run calibration data through the prepared model first.",
+                      stacklevel=4)
+    huge = _sentinel_ranges(nodes, modules)
+    if huge:
+        warnings.warn(f"fxquant convert: {len(huge)} value(s) were observed beyond +-{SENTINEL_RANGE:g}, sentinels "
+                      f"such as an additive attention mask of torch.finfo(float32).min: their scale is so large that "
+                      f"every ordinary value quantizes to the zero point (attention logits + mask: uniform "
+                      f"attention). Keep the op that makes them in float (its qconfig None; fxquant.explain(prepared) "
+                      f"lists each op with its module): {', '.join(huge[:8])}{' ...' if len(huge) > 8 else ''}",
                       stacklevel=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the per-observer "no data" warnings are summarised above
