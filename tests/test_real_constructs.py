@@ -940,17 +940,25 @@ class _CachesInEval(nn.Module):  # LeViT's attention: `self.attention_bias_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            key = str(x.device)
+            key = str(self.biases.device)  # (LeViT: the device of its bias table)
             if key not in self.cache:
                 self.cache[key] = self.biases * 2
             return self.fc(x) + self.cache[key]
         return self.fc(x) + self.biases * 2
 
 
-def test_tracing_leaves_no_proxy_in_a_module_cache() -> None:
+class _CachesThenBranches(_CachesInEval):  # caches, then a Python branch on a size: plain torch.fx fails after it
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if y.shape[-1] == 16 else -y
+
+
+@pytest.mark.parametrize("inner", (_CachesInEval, _CachesThenBranches))
+def test_tracing_leaves_no_proxy_in_a_module_cache(inner: type) -> None:
     """Tracing filled the model's cache with a Proxy: a second prepare (or a plain call) then read a value of a dead
-    graph ('cannot trace ... LevitAttention' on the second prepare_fx of LeViT)."""
-    model = _Holder(_CachesInEval()).eval()
+    graph ('cannot trace ... LevitAttention' on the second prepare_fx of LeViT). With a branch after it, the failed
+    plain trace's Proxy must be gone before the trace on the example inputs starts."""
+    model = _Holder(inner()).eval()
     x = _tokens()(0)
     for _ in range(2):
         prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), x)

@@ -269,13 +269,13 @@ def _trace(model: nn.Module, ctx: Context, names: list[str], classes: list[type]
     tracer.proxy_buffer_attributes = isinstance(model, fx.GraphModule)
     own = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
     try:
-        with preserve_python_state(model):
-            try:
+        try:
+            with preserve_python_state(model):  # (undone before a second trace on the example inputs, too)
                 return fx.GraphModule(model, tracer.trace(model), type(model).__name__), tracer
-            except Exception as exc:  # torch.fx raises many types; all are reported the same way
-                if not ctx.example_inputs:
-                    raise _explain_failure(exc, tracer, model) from exc
-                return _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc, traced_into)
+        except Exception as exc:  # torch.fx raises many types; all are reported the same way
+            if not ctx.example_inputs:
+                raise _explain_failure(exc, tracer, model) from exc
+            return _trace_on_inputs(model, names, classes, tuple(ctx.example_inputs), exc, traced_into)
     finally:  # torch.fx stores tensor constants of the forward on the traced root: the user's model stays as it was
         release_adopted(model)
         added = (set(model.__dict__) | set(model._buffers) | set(model._parameters)) - own
