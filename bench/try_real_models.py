@@ -4,6 +4,7 @@
     /work/tvenv/bin/python bench/try_real_models.py --only resnet18 bert
     /work/tvenv/bin/python bench/try_real_models.py --skip-hf --size 64 -v   # -v: full tracebacks of failures
     /work/tvenv/bin/python bench/try_real_models.py --size 224 --latency 15   # + batch-1 latency vs fp32 / torch.ao
+    /work/tvenv/bin/python bench/try_real_models.py --even-more              # 99 models (~15 minutes)
 
 Runs in a throwaway environment with torchvision / transformers installed (never used by the tests or CI). For each
 model: prepare_fx (x86 default mapping) -> calibrate on 2 batches -> convert_to_reference_fx -> convert_fx, then prints
