@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "folds_exactly", "STEPS_LIMIT", "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d",
-           "max_pool2d", "max_pool3d",
+__all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "folds_exactly", "STEPS_LIMIT",
+           "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d", "max_pool2d", "max_pool3d",
            "interpolate", "offset", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
 
 # dtype -> (min, max) of the integer activations these kernels accept
@@ -164,8 +164,8 @@ def binary(op: str, a: torch.Tensor, b: torch.Tensor, consts: tuple, relu_min: i
 
 # a product whose one operand broadcasts over the other (a squeeze-excite gate of shape (N, C, 1, 1) times the
 # feature map): folding everything into per-element factors of the small side leaves one pass over the big one,
-# ``addcmul(offsets, big, factors)``, instead of three (16x96x14x14 times 16x96x1x1: 2.1 vs 3.3 ms; the same at
-# batch 1, where the op count decides)
+# ``addcmul(offsets, big, factors)``, instead of three (16x96x14x14 times 16x96x1x1: 272 vs 365 us, one thread,
+# same run; level at batch 1, where the op count decides)
 _BROADCAST_RATIO = 8
 
 

@@ -132,10 +132,14 @@ def preserve_python_state(model: nn.Module) -> Iterator[None]:
             for key, value in state.items():
                 mod.__dict__[key] = value
                 kept = contents[key]
-                if kept is not None and (len(value) != len(kept) or any(
-                        a is not b for a, b in zip(_items(value), _items(kept)))):
-                    value.clear()
-                    value.update(kept) if isinstance(value, (dict, set)) else value.extend(kept)
+                if kept is None or (len(value) == len(kept) and all(
+                        a is b for a, b in zip(_items(value), _items(kept)))):
+                    continue
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(kept)
+                else:
+                    value.update(kept)
 
 
 def _items(c: Any) -> list[Any]:

@@ -46,11 +46,9 @@ class QuantizedMatmul(_ScalarModule):
         product_scale = float(self.a_scale) * float(self.b_scale)
         if self.softmax_dim is not None:  # the logits' scale folds into a's shift (the softmax rounds anyway)
             c = product_scale * self.logit_multiplier
-            if za and not k.fold_safe(c, za):  # huge logits scale: shift exactly (see uint8.FOLD_LIMIT)
-                return (None, k.offset(-zb) if zb else None), c, 1.0 / float(self.out_scale), \
-                    int(self.out_zero_point), za
-            neg = (k.offset(-za * c) if za else None, k.offset(-zb) if zb else None)
-            return neg, c, 1.0 / float(self.out_scale), int(self.out_zero_point)
+            exact = bool(za) and not k.fold_safe(c, za)  # huge logits scale: shift exactly (uint8.FOLD_LIMIT)
+            neg = (k.offset(-za * c) if za and not exact else None, k.offset(-zb) if zb else None)
+            return neg, c, 1.0 / float(self.out_scale), int(self.out_zero_point), za if exact else None
         neg = (k.offset(-za) if za else None, k.offset(-zb) if zb else None)
         return neg, product_scale / float(self.out_scale), k.offset(float(self.out_zero_point))
 
@@ -60,8 +58,9 @@ class QuantizedMatmul(_ScalarModule):
         consts = self._scalars()
         (neg_za, neg_zb), multiplier = consts[0], consts[1]
         if self.softmax_dim is not None:
-            shifted_a = k.dequantize_exact(a, multiplier, consts[4]) if len(consts) > 4 else \
-                _shifted(a, neg_za, multiplier)
+            exact_za = consts[4]
+            shifted_a = _shifted(a, neg_za, multiplier) if exact_za is None else \
+                k.dequantize_exact(a, multiplier, exact_za)
             logits = torch.matmul(shifted_a, _shifted(b, neg_zb))
             return softmax_to(logits, self.softmax_dim, consts[2], consts[3], self.quant_min, self.quant_max,
                               self.dtype)
