@@ -1001,3 +1001,52 @@ def test_parametrized_modules_are_baked_so_converted_models_save(tmp_path) -> No
         assert torch.equal(fxquant.load(tmp_path / "m.fxq")(*x), out)
     with torch.no_grad():
         assert _sqnr(model(*x), lowered(*x)) > 15.0
+
+
+class DtypeChecks(nn.Module):  # torchvision's detection transform: `if not image.is_floating_point(): raise ...`
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() or x.is_complex() or x.element_size() != 4:
+            raise TypeError("expected float32 input")
+        return self.fc(x)[:, : x.shape[1] // 2]  # a size used as a Python int: traced on the example inputs
+
+
+def test_dtype_queries_in_python_branches_are_answered_from_the_example() -> None:
+    torch.manual_seed(0)
+    model = DtypeChecks().eval()
+    reference, lowered = _quantize_all(model, _tokens())
+    x = _tokens()(3)
+    with torch.no_grad():
+        assert _sqnr(model(*x), lowered(*x)) > 25.0
+
+
+class _Boxed:  # torchvision's ImageList: tensors and sizes in an object of its own class
+    def __init__(self, tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+
+class _TakesBoxed(nn.Module):
+    def forward(self, boxed: _Boxed) -> torch.Tensor:
+        return boxed.tensors * 2
+
+
+class PassesAnObject(nn.Module):  # a detector: transform -> ImageList -> rpn(images, features)
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.head = nn.Linear(16, 16), _TakesBoxed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_Boxed(self.backbone(x)))
+
+
+def test_an_object_passed_to_a_leaf_module_gets_the_backbone_fix() -> None:
+    """Marking the module non-traceable (the usual fix) cannot help: a graph cannot hold the object it takes."""
+    from fxquant.custom_config import PrepareCustomConfig
+
+    cfg = PrepareCustomConfig().set_non_traceable_module_names(["head"])
+    with pytest.raises(TraceFailure, match=r"(?s)module 'head'.*graph cannot hold.*Fix: quantize the part"):
+        fxquant.prepare_fx(PassesAnObject().eval(), fxquant.get_default_qconfig_mapping("x86"), _tokens()(0),
+                           prepare_custom_config=cfg)

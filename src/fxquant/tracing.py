@@ -38,9 +38,11 @@ from .passes.trace import QuantizationTracer, _explain_failure, preserve_python_
 
 __all__ = ["trace_with_inputs", "concrete_trace", "ConcreteTracer", "GraphCodeTracer"]
 
-# tensor attributes that are constants of a traced graph: returned as the example's values, never recorded
+# tensor attributes that are constants of a traced graph: returned as the example's values, never recorded (the
+# methods among them, ``x.is_floating_point()``, as the example's bound method)
 _STATIC_ATTRS = frozenset({"dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout",
-                           "requires_grad", "is_floating_point", "is_nested", "is_cpu", "is_meta", "is_mkldnn"})
+                           "requires_grad", "is_floating_point", "is_complex", "is_signed", "element_size",
+                           "is_nested", "is_cpu", "is_meta", "is_mkldnn"})
 # ops whose result depends on sizes only, never on tensor data
 _SIZE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
 _SIZE_ATTRS = frozenset({"shape"})
@@ -82,8 +84,7 @@ class ConcreteProxy(_Concrete, _CodeProxy):
         if k.startswith("__") and k.endswith("__"):
             raise AttributeError(k)
         if k in _STATIC_ATTRS:
-            value = getattr(self.tracer.value_of(self), k)
-            return value() if k == "is_floating_point" else value
+            return getattr(self.tracer.value_of(self), k)
         return ConcreteAttribute(self, k)
 
 

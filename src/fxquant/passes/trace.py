@@ -173,7 +173,14 @@ _WHY: tuple[tuple[str, str], ...] = (
                                        "needs a plain int (slicing, range(), indexing a list)"),
     ("__index__", "a traced value (usually a size such as `x.shape[1]`) is used where Python needs a plain int"),
     ("does not support item assignment", "a traced value is assigned into like a dict or list"),
+    ("argument of type", "a module or function gets an argument a graph cannot hold (an object of a custom class, "
+                         "e.g. torchvision's ImageList): graph arguments are tensors, numbers, strings, dtypes and "
+                         "lists / tuples / dicts of them"),
 )
+
+_LEAF_ARGUMENT_FIX = ("Fix: quantize the part of the model that takes and returns plain tensors (e.g. a detector's "
+                      "backbone: prepare_fx(model.backbone, ...), then put the converted backbone back) and keep "
+                      "the rest in Python")
 
 
 def _misbound_root_forward(root: nn.Module) -> str:
@@ -215,9 +222,17 @@ def _explain_failure(exc: Exception, tracer: QuantizationTracer, root: nn.Module
     why = decorated or next((why for fragment, why in _WHY if fragment in str(exc)), "")
     alt = ("; or trace the model yourself (torch.fx.Tracer with concrete_args, custom leaf modules, a library's "
            "own FX tracer) and give prepare_fx the GraphModule: modules it calls stay leaves.")
+    leaf = bool(path) and tracer.is_leaf_module(_submodule(root, path), path)
+    fix = _LEAF_ARGUMENT_FIX if leaf or "argument of type" in str(exc) else _fix(path, cls, bool(decorated))
     return TraceFailure(f"torch.fx cannot trace module '{path or '<root>'}' ({cls.__name__}){where}: "
-                        f"{type(exc).__name__}: {exc}\n" + (f"Why: {why}.\n" if why else "")
-                        + _fix(path, cls, bool(decorated)) + alt)
+                        f"{type(exc).__name__}: {exc}\n" + (f"Why: {why}.\n" if why else "") + fix + alt)
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:  # an adopted module, already released
+        return root
 
 
 def _custom_config_lists(ctx: Context) -> tuple[list[str], list[type]]:
