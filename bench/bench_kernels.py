@@ -1,6 +1,6 @@
 """Micro-benchmarks of the x86 CPU int8 kernels against fp32 in the same run (one thread, medians).
 
-    .venv/bin/python bench/bench_kernels.py [--repeats 30] [--only linear,conv,dynamic,weight_only,embedding]
+    .venv/bin/python bench/bench_kernels.py [--repeats 30] [--only linear,conv,dynamic,weight_only,embedding,gate]
 
 Prints one line per (op, shape): the fp32 time and each int8 candidate's time as a speedup (fp32 / candidate;
 > 1 means int8 is faster). Linear / conv / embedding go through the fxquant modules with each kernel forced;
@@ -23,7 +23,7 @@ from torch import nn
 
 import fxquant.nn.quantized as Q
 import fxquant.nn.quantized.reference as R
-from fxquant.kernels import fp16_gemm
+from fxquant.kernels import fp16_gemm, uint8
 from fxquant.nn.quantized import conv as conv_mod
 from fxquant.nn.quantized import linear as linear_mod
 
@@ -179,8 +179,28 @@ def bench_embedding(repeats: int) -> None:
         report("embed_bag", f"rows={rows} dim={dim} B={batch}x{bag}", fp32, cands)
 
 
+def bench_gate(repeats: int) -> None:
+    """A squeeze-excite gate (N, C, 1, 1) times a channels-last feature map: QuantizedBinary's per-channel factors
+    (one addcmul over the map) against its general three-pass form (forced) and fp32's multiply."""
+    mod = Q.QuantizedBinary("mul", (0.05, 3), (1 / 256, 0), (0.04, 2))
+
+    def general(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        saved, uint8._BROADCAST_RATIO = uint8._BROADCAST_RATIO, float("inf")
+        try:
+            return mod(a, b)
+        finally:
+            uint8._BROADCAST_RATIO = saved
+    for n, c, hw in [(1, 96, 14), (1, 576, 7), (16, 96, 14), (16, 576, 7)]:
+        fmap = torch.randint(0, 256, (n, c, hw, hw), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        gate = torch.randint(0, 256, (n, c, 1, 1), dtype=torch.uint8)
+        fmap_f, gate_f = fmap.float(), gate.float()
+        report_all("gate_mul", f"N={n} C={c} HW={hw}", compare_us({
+            "fp32": lambda: fmap_f * gate_f, "factors": lambda: mod(fmap, gate),
+            "three_pass": lambda: general(fmap, gate)}, repeats))
+
+
 BENCHES = {"linear": bench_linear, "dynamic": bench_dynamic, "weight_only": bench_weight_only, "conv": bench_conv,
-           "embedding": bench_embedding}
+           "embedding": bench_embedding, "gate": bench_gate}
 
 
 def main() -> None:

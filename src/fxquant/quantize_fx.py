@@ -56,10 +56,11 @@ def _prepare(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, prepar
              backend_config: Any, is_qat: bool, is_standalone: bool = False) -> fx.GraphModule:
     if qconfig_mapping is None:
         raise TypeError("prepare_fx needs a qconfig_mapping, e.g. fxquant.get_default_qconfig_mapping('x86')")
-    _check_float32(model, _check_example_inputs(example_inputs))
+    example_inputs = _check_example_inputs(example_inputs)
+    _check_float32(model, example_inputs)
     ctx = Context(qconfig_mapping=_coerce(qconfig_mapping, ".qconfig_mapping.QConfigMapping"),
                   backend_config=_coerce(backend_config, ".backend_config.BackendConfig"),
-                  example_inputs=_check_example_inputs(example_inputs),
+                  example_inputs=example_inputs,
                   prepare_custom_config=_coerce(prepare_custom_config, ".custom_config.PrepareCustomConfig"),
                   is_qat=is_qat, is_standalone=is_standalone)
     return pipeline.run(model, pipeline.PREPARE_QAT if is_qat else pipeline.PREPARE, ctx)

@@ -1,7 +1,7 @@
 """bake_parametrizations: modules of a converted model lose their ``torch.nn.utils.parametrize`` parametrizations.
 
-Before::  encoder.pos_conv_embed.conv = ParametrizedConv1d (weight = weight_norm(original0, original1), computed per call)
-After::   encoder.pos_conv_embed.conv = Conv1d with ``weight`` the parametrization's value (computed once)
+Before::  pos_conv_embed.conv = ParametrizedConv1d (weight = weight_norm(original0, original1), every call)
+After::   pos_conv_embed.conv = Conv1d with ``weight`` the parametrization's value (computed once)
 
 A parametrized module (weight norm in wav2vec2 / HuBERT, spectral norm, orthogonal) matches no backend pattern, so
 it stays float in the converted model; torch refuses to pickle it ("Serialization of parametrized modules is only
@@ -26,7 +26,7 @@ def baked(mod: nn.Module) -> nn.Module:
 
     Not ``remove_parametrizations`` on a deepcopy: a copy shares the generated class, and removing the
     parametrization deletes the class's property, which breaks the original module too."""
-    base = type(mod).__bases__[0]  # parametrize puts one generated class over the module's own
+    base = parametrize.type_before_parametrizations(mod)
     out = base.__new__(base)
     out.__dict__.update({k: (_without_parametrize_hooks(v) if isinstance(v, dict) else v)
                          for k, v in mod.__dict__.items()})
