@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from . import fp16_gemm
+from . import fp16_gemm, native
 
 __all__ = ["Facts", "Rule", "RULES", "CONDITIONS", "choose", "cpu_has_vnni", "cpu_has_avx512", "onednn_available"]
 
@@ -103,6 +103,8 @@ class Facts:
     table_bytes: int = 0  # embedding: size of the table in float32
     binary: bool = False  # the post-op adds a second quantized operand
     float16_weight: bool = False  # weight-only linear with float16 weights
+    native_ok: bool = False  # the module fits the native FBGEMM kernel (conv: uint8 out, post-op none / relu)
+    outputs: int = 0  # elements of one call's output (0: not known)
 
 
 CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
@@ -123,6 +125,8 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "max_table_bytes": lambda f, v: f.table_bytes <= v,
     "float16_weight": lambda f, v: f.float16_weight == v,
     "fp16_gemm": lambda f, v: fp16_gemm.available() == v,
+    "native": lambda f, v: (f.native_ok and native.available()) == v,
+    "max_outputs": lambda f, v: 0 < f.outputs <= v,
 }
 
 
@@ -146,6 +150,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("float"),
     ),
     "conv": (
+        Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True,
+                        "max_outputs": 2**17}),
         Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False}),
         Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
         Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),
@@ -172,6 +178,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     # fixed cost here) against five aten passes (~2-4 ns an element): 192 vs 354 us at 1x64x56x56, 2.6 vs 13.8 ms
     # at 16x64x56x56, 142 vs 72 us at 1x512x7x7 -> onednn from 2^16 elements
     "add": (
+        Rule("native", {"device": "cpu", "compiling": False, "native": True}),
         Rule("onednn_identity_conv", {**_EAGER_CPU, "min_macs": 2**16}),
         Rule("aten"),
     ),

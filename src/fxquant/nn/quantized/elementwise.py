@@ -19,12 +19,13 @@ forwards use the buffers directly.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxquant.kernels import dynamic, onednn, x86
+from fxquant.kernels import dynamic, native, onednn, x86
 from fxquant.kernels import uint8 as k
 
 __all__ = ["Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic"]
@@ -210,6 +211,21 @@ class Requantize(_ScalarModule):
                 f"{int(self.out_zero_point)}), {self._range_repr()}")
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous, or a channels-last image / volume (the layouts the native kernels walk in memory order)."""
+    if t.is_contiguous():
+        return True
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return layout is not None and t.is_contiguous(memory_format=layout)
+
+
+def _gated(big: torch.Tensor, gate: torch.Tensor) -> bool:
+    """``big`` (N, C, *spatial) times ``gate`` (N, C, 1, ...): one value per (batch, channel)."""
+    return (big.dim() >= 3 and gate.dim() == big.dim() and gate.shape[:2] == big.shape[:2]
+            and all(v == 1 for v in gate.shape[2:]) and math.prod(big.shape[2:]) > 1 and big.numel() > 0
+            and _dense(big))
+
+
 class QuantizedBinary(_ScalarModule):
     """``quantize(dequantize(a) <op> dequantize(b))`` with ``op`` ``add`` or ``mul``, optionally followed by relu."""
 
@@ -239,10 +255,43 @@ class QuantizedBinary(_ScalarModule):
             y = torch.relu(y) if self.relu else y
             q = torch.round(y / self.out_scale + self.out_zero_point)
             return q.clamp(self.quant_min, self.quant_max).to(self.dtype)
+        if a.dtype == b.dtype == self.dtype == torch.uint8 and a.is_cpu and b.is_cpu:
+            y = self._native(a, b, relu_min)
+            if y is not None:
+                return y
         if self.op == "add" and a.dim() == 4 and a.shape == b.shape and a.dtype == b.dtype == self.dtype == \
                 torch.uint8 and a.is_cpu and self._onednn_add(a):
             return self._run_onednn_add(a, b)
         return k.binary(self.op, a, b, consts, relu_min, self.quant_min, self.quant_max, self.dtype)
+
+    def _native(self, a: torch.Tensor, b: torch.Tensor, relu_min: int) -> torch.Tensor | None:
+        """One pass of the native library (:mod:`fxquant.kernels.native`) where it applies: an add of two
+        tensors laid out alike, or a product with a gate holding one value per (batch, channel); else None."""
+        swapped = False
+        if self.op == "add":
+            if a.shape != b.shape or a.stride() != b.stride() or not _dense(a):
+                return None
+        elif not _gated(a, b):
+            if not _gated(b, a):
+                return None
+            a, b, swapped = b, a, True
+        key = ("native", self.op)
+        choice = self._kernel_cache.get(key)
+        if choice is None:
+            facts = x86.Facts(device="cpu", native_ok=True, macs=a.numel())
+            choice = self._kernel_cache[key] = x86.choose("add", facts) == "native"
+        if not choice:
+            return None
+        sa, za = float(self.a_scale), int(self.a_zero_point)
+        sb, zb = float(self.b_scale), int(self.b_zero_point)
+        so, zo = float(self.out_scale), int(self.out_zero_point)
+        lo, hi = max(relu_min, self.quant_min), self.quant_max
+        if self.op == "add":
+            ka, kb = sa / so, sb / so
+            return native.add(a, b, ka, kb, zo - (za * ka + zb * kb), lo, hi)
+        if swapped:
+            za, zb = zb, za
+        return native.mul_gate(a, b, sa * sb / so, za, zb, float(zo), lo, hi)
 
     def _onednn_add(self, a: torch.Tensor) -> bool:
         """Whether the kernel rules send an add of this size to onednn (cached per element count)."""

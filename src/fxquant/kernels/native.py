@@ -1,0 +1,260 @@
+"""Native kernels: FBGEMM's int8 convolution and single-pass element-wise kernels on plain uint8 tensors.
+
+torch's x86 CPU library links FBGEMM (the engine behind torch.ao's x86 / fbgemm backends) and exports its C++
+API. ``_native/fxquant_native.cpp`` calls it on plain buffers -- uint8 channels-last activations, int8 weights,
+float scales; no quantized tensor type is involved -- and adds one-pass kernels for a quantized add and a
+squeeze-excite product, which aten needs four or more passes for. The file is compiled on first use against the
+installed torch (``c++``, a few seconds) into a per-user cache and loaded with ctypes; each call costs ~1 us of
+ctypes overhead where onednn's int8 ops spend 40-80 us building their primitive.
+
+Without a compiler, on a CPU FBGEMM does not support, with ``FXQUANT_NATIVE=0``, or when the build fails,
+:func:`available` is False (:func:`status` says why) and the kernel rules use onednn / aten instead: same results
+within one quantization step, slower at batch 1. ``FXQUANT_NATIVE_DIR`` moves the cache (default
+``$XDG_CACHE_HOME/fxquant/native`` or ``~/.cache/fxquant/native``); ``fxquant native`` builds and reports.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["available", "status", "build", "ConvPlan", "add", "mul_gate", "SOURCE"]
+
+SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
+_ABI_VERSION = 2
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None, "why": the reason it is None
+
+
+def _cache_dir() -> pathlib.Path:
+    override = os.environ.get("FXQUANT_NATIVE_DIR")
+    if override:
+        return pathlib.Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "fxquant" / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _torch_paths() -> tuple[pathlib.Path, pathlib.Path]:
+    root = pathlib.Path(torch.__file__).parent
+    return root / "include", root / "lib"
+
+
+def _library_path(compiler: str) -> pathlib.Path:
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(f"{torch.__version__}|{torch.__file__}|{compiler}|{sys.platform}".encode())
+    return _cache_dir() / f"fxquant_native_{key.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, target: pathlib.Path) -> None:
+    include, lib = _torch_paths()
+    if not (include / "fbgemm" / "Fbgemm.h").exists():
+        raise RuntimeError(f"this torch ships no FBGEMM headers ({include / 'fbgemm'})")
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(SOURCE), "-o", tmp, f"-L{lib}", "-ltorch_cpu",
+           "-lc10", f"-Wl,-rpath,{lib}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
+            raise RuntimeError(f"{compiler} failed (exit {done.returncode}): " + " | ".join(tail))
+        os.replace(tmp, target)  # atomic: concurrent builders (test workers) each install a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+    lib.fxq_abi_version.restype = i
+    lib.fxq_cpu_supported.restype = i
+    lib.fxq_conv_create.restype = p
+    lib.fxq_conv_create.argtypes = [i, i, i, i, p, p, p, p, p, i, p, f, i, f, i, p, i, i, i, i]
+    lib.fxq_conv_run.restype = i
+    lib.fxq_conv_run.argtypes = [p, p, p, i, p, i]
+    lib.fxq_conv_free.restype = None
+    lib.fxq_conv_free.argtypes = [p]
+    lib.fxq_add_u8.restype = None
+    lib.fxq_add_u8.argtypes = [p, p, p, i64, f, f, f, f, f, i]
+    lib.fxq_mul_gate_u8.restype = None
+    lib.fxq_mul_gate_u8.argtypes = [p, p, p, i64, i64, i64, i, f, f, f, f, f, f, i]
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("FXQUANT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("disabled by FXQUANT_NATIVE=0")
+    if sys.platform != "linux" or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        raise RuntimeError(f"built for x86-64 Linux only (this is {sys.platform}, "
+                           f"{torch.backends.cpu.get_cpu_capability()})")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    path = _library_path(compiler)
+    if not path.exists():
+        print(f"fxquant: compiling the native kernels for this torch (once, a few seconds) into {path.parent}",
+              file=sys.stderr)
+        _compile(compiler, path)
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
+    if lib.fxq_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"{path} has another interface version; delete it to rebuild")
+    if not lib.fxq_cpu_supported():
+        raise RuntimeError("FBGEMM does not support this CPU")
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    _state["lib"], _state["why"] = _load(), "available"
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    _state["lib"], _state["why"] = None, str(exc)
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the native kernels are built and usable here (builds them on the first call)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """``"available"`` or why the native kernels are not used."""
+    _library()
+    return str(_state["why"])
+
+
+def build(force: bool = False) -> str:
+    """Build (again, with ``force``) and load the native kernels; returns :func:`status`."""
+    with _lock:
+        if force:
+            compiler = _compiler()
+            if compiler is not None:
+                _library_path(compiler).unlink(missing_ok=True)
+        _state.clear()
+    return status()
+
+
+def _ints(values: Sequence[int]) -> ctypes.Array:
+    return (ctypes.c_int * len(values))(*values)
+
+
+class ConvPlan:
+    """An int8 convolution (1/2/3-d) with its weight packed once by FBGEMM.
+
+    ``weight``: int8 ``(out, in / groups, *kernel)`` with symmetric (zero-point 0) scales ``w_scale`` (one, or
+    one per output channel). ``__call__`` takes a uint8 batch and returns the uint8 channels-last result
+    ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``, or None when ``check_7bit`` is set
+    and the input holds a value above 127: without VNNI FBGEMM multiplies with ``vpmaddubsw``, whose pair sums
+    saturate in int16 beyond 7-bit input (the caller then runs an exact kernel).
+    """
+
+    def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                 input_qparams: tuple[float, int], output_qparams: tuple[float, int], relu: bool,
+                 low: int, high: int, check_7bit: bool = True) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError(f"native kernels unavailable: {status()}")
+        self._lib = lib
+        dims = weight.dim() - 2
+        self.out_channels, self.dims = int(weight.shape[0]), dims
+        self.kernel, self.stride = list(weight.shape[2:]), list(stride)
+        self.padding, self.dilation = list(padding), list(dilation)
+        w = weight.movedim(1, -1).contiguous()  # (out, *kernel, in / groups)
+        scales = w_scale.detach().float().reshape(-1).contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        self._keep = (w, scales, b)
+        handle = lib.fxq_conv_create(
+            dims, int(weight.shape[1]) * groups, self.out_channels, groups, _ints(self.kernel), _ints(self.stride),
+            _ints(self.padding + self.padding), _ints(self.dilation), w.data_ptr(), int(scales.numel() > 1),
+            scales.data_ptr(), float(input_qparams[0]), int(input_qparams[1]), float(output_qparams[0]),
+            int(output_qparams[1]), None if b is None else b.data_ptr(), int(relu), int(low), int(high),
+            int(check_7bit))
+        if not handle:
+            raise RuntimeError("FBGEMM could not pack this convolution")
+        self._handle = handle
+        self._free = lib.fxq_conv_free
+        self._run = lib.fxq_conv_run
+        self._layout = {1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+
+    def output_shape(self, shape: Sequence[int]) -> list[int]:
+        out = [int(shape[0]), self.out_channels]
+        for size, k, s, p, d in zip(shape[2:], self.kernel, self.stride, self.padding, self.dilation):
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.dims == 1:  # (N, C, L) as (N, L, C) memory: a channels-last 1-d batch
+            y = torch.empty([x.shape[0], *self.output_shape(x.shape)[2:], self.out_channels], dtype=torch.uint8)
+            return y.transpose(1, 2) if self._go(x.transpose(1, 2).contiguous(), y, x.shape) else None
+        x = x.contiguous(memory_format=self._layout)
+        y = torch.empty(self.output_shape(x.shape), dtype=torch.uint8, memory_format=self._layout)
+        return y if self._go(x, y, x.shape) else None
+
+    def _go(self, x: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> bool:
+        if y.numel() == 0:
+            return True
+        rc = self._run(self._handle, x.data_ptr(), y.data_ptr(), int(shape[0]), _ints(list(shape[2:])),
+                       torch.get_num_threads())
+        if rc not in (0, 1):
+            raise RuntimeError(f"FBGEMM convolution failed (status {rc}) on input shape {tuple(shape)}")
+        return rc == 0
+
+    def __del__(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self._free(handle)
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError("a native ConvPlan holds FBGEMM's packed weight: rebuild it, never pickle or copy it")
+
+
+def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, c: float, low: int, high: int) -> torch.Tensor:
+    """``round(clamp(a * ka + b * kb + c, low, high))`` as uint8, for uint8 ``a`` and ``b`` of the same shape and
+    memory layout (dense: contiguous or channels-last)."""
+    lib = _library()
+    assert lib is not None
+    out = torch.empty_like(a)
+    lib.fxq_add_u8(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), ka, kb, c, float(low), float(high),
+                   torch.get_num_threads())
+    return out
+
+
+def mul_gate(big: torch.Tensor, small: torch.Tensor, k: float, z_big: int, z_small: int, c: float, low: int,
+             high: int) -> torch.Tensor:
+    """``quantize(dequantize(big) * dequantize(small))`` for a uint8 image ``big`` (N, C, *spatial), contiguous or
+    channels-last, and a uint8 gate ``small`` with one value per (N, C): ``(big - zb) * k * (small - zs) + c``
+    rounded and clamped (``k = sb * ss / so``, ``c`` = the output zero point)."""
+    lib = _library()
+    assert lib is not None
+    channels_last = not big.is_contiguous()
+    out = torch.empty_like(big)
+    gate = small.reshape(big.shape[0], big.shape[1]).contiguous()
+    positions = math.prod(big.shape[2:])
+    lib.fxq_mul_gate_u8(big.data_ptr(), gate.data_ptr(), out.data_ptr(), big.shape[0], big.shape[1], positions,
+                        int(channels_last), k, float(z_big), float(z_small), c, float(low), float(high),
+                        torch.get_num_threads())
+    return out

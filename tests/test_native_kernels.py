@@ -1,0 +1,226 @@
+"""Native kernels (fxquant.kernels.native): FBGEMM's int8 convolution and the one-pass add / gate product on plain
+uint8 tensors, against float references; their place in the kernel rules, the exact fallback for input beyond 7
+bits, and the switch-off paths (FXQUANT_NATIVE=0, no library) that leave the onednn / aten kernels."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.kernels import native, uint8, x86
+from fxquant.nn import quantized as Q
+from fxquant.nn.quantized import conv as qconv
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_case(dims: int, batch: int, cin: int, cout: int, size: int, k: int, stride: int, groups: int,
+               relu: bool, per_channel: bool, low: int, high: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (cout, cin // groups) + (k,) * dims, generator=g).to(torch.int8)
+    ws = torch.rand(cout if per_channel else 1, generator=g) * 0.01 + 0.002
+    b = torch.randn(cout, generator=g)
+    x = torch.randint(0, 128, (batch, cin) + (size,) * dims, generator=g).to(torch.uint8)
+    xs, xz = 0.04, 5
+    wf = w.float() * ws.reshape(-1, *([1] * (dims + 1)))
+    yf = _CONV[dims]((x.float() - xz) * xs, wf, b, stride, k // 2, 1, groups)
+    yf = yf.relu() if relu else yf
+    ys, yz = float(yf.abs().max()) / 90, 40
+    ref = torch.clamp(torch.round(yf / ys) + yz, max(low, yz) if relu else low, high)
+    plan = native.ConvPlan(w, ws, b, [stride] * dims, [k // 2] * dims, [1] * dims, groups, (xs, xz), (ys, yz),
+                           relu, low, high)
+    return plan, x, ref
+
+
+@needs_native
+@pytest.mark.parametrize("dims,batch,cin,cout,size,k,stride,groups", [
+    (2, 1, 16, 24, 9, 3, 2, 1), (2, 3, 32, 32, 7, 3, 1, 32), (2, 2, 64, 32, 5, 1, 1, 1), (2, 1, 16, 16, 6, 3, 1, 8),
+    (2, 1, 576, 144, 1, 1, 1, 1), (1, 2, 8, 16, 20, 3, 1, 1), (3, 1, 8, 8, 6, 3, 1, 8), (3, 2, 4, 8, 5, 3, 2, 1)])
+@pytest.mark.parametrize("relu,per_channel,low,high", [(False, True, 0, 255), (True, True, 0, 127),
+                                                        (True, False, 50, 200), (False, False, 0, 127)])
+def test_conv_plan_matches_the_float_convolution(dims, batch, cin, cout, size, k, stride, groups, relu,
+                                                 per_channel, low, high):
+    plan, x, ref = _conv_case(dims, batch, cin, cout, size, k, stride, groups, relu, per_channel, low, high)
+    y = plan(x)
+    assert y is not None and y.shape == ref.shape and y.dtype == torch.uint8
+    assert (y.float() - ref).abs().max().item() <= 1  # float32 rounding of the requantization
+    assert (y.float() != ref).float().mean().item() < 0.01
+
+
+@needs_native
+def test_conv_plan_runs_on_several_threads_with_the_same_result():
+    plan, x, _ = _conv_case(2, 4, 32, 64, 14, 3, 1, 1, True, True, 0, 255)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = plan(x)
+        torch.set_num_threads(2)
+        two = plan(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_native
+def test_conv_plan_refuses_input_above_7_bits_only_when_asked():
+    w = torch.randint(-127, 128, (8, 4, 3, 3), dtype=torch.int8)
+    args = (w, torch.full((8,), 0.01), None, [1, 1], [1, 1], [1, 1], 1, (0.05, 3), (0.1, 10), False, 0, 255)
+    x = torch.randint(0, 128, (1, 4, 6, 6), dtype=torch.uint8)
+    checked, unchecked = native.ConvPlan(*args, check_7bit=True), native.ConvPlan(*args, check_7bit=False)
+    assert checked(x) is not None
+    x[0, 2, 3, 3] = 200
+    assert checked(x) is None
+    assert unchecked(x) is not None
+
+
+@needs_native
+def test_conv_plan_cannot_be_pickled_or_copied():
+    plan, _, _ = _conv_case(2, 1, 8, 8, 4, 3, 1, 1, False, True, 0, 255)
+    with pytest.raises(TypeError, match="rebuild it"):
+        pickle.dumps(plan)
+    with pytest.raises(TypeError, match="rebuild it"):
+        copy.deepcopy(plan)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last))
+def test_add_matches_the_reference_like_the_aten_kernel(layout):
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(0, 256, (2, 16, 7, 9), generator=g).to(torch.uint8).contiguous(memory_format=layout)
+            for _ in range(2))
+    (sa, za), (sb, zb), (so, zo) = qa, qb, qo = (0.03, 100), (0.05, 20), (0.06, 64)
+    consts = uint8.binary_consts("add", qa, qb, qo, torch.uint8)
+    exact = ((a.double() - za) * sa + (b.double() - zb) * sb) / so + zo
+    for relu_min in (0, 64):
+        ref = torch.clamp(torch.round(exact), relu_min, 255)
+        aten = uint8.binary("add", a, b, consts, relu_min, 0, 255, torch.uint8)
+        ka, kb, c = consts
+        got = native.add(a, b, ka, kb, float(c), relu_min, 255)
+        assert got.is_contiguous(memory_format=layout)
+        assert (got.double() - ref).abs().max().item() <= 1  # (float32 rounding: ties land either way)
+        # as often off the exact value as the aten kernel (both round ties of float32 sums)
+        assert (got.double() != ref).double().mean() <= 2 * (aten.double() != ref).double().mean() + 0.01
+
+
+@needs_native
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last))
+def test_gate_product_matches_the_reference(layout):
+    g = torch.Generator().manual_seed(3)
+    big = torch.randint(0, 256, (2, 24, 5, 6), generator=g).to(torch.uint8).contiguous(memory_format=layout)
+    gate = torch.randint(0, 256, (2, 24, 1, 1), generator=g).to(torch.uint8)
+    (sb, zb), (sg, zg), (so, zo) = (0.02, 7), (0.004, 0), (0.01, 3)
+    ref = torch.clamp(torch.round((big.float() - zb) * sb * (gate.float() - zg) * sg / so) + zo, 0, 255)
+    got = native.mul_gate(big, gate, sb * sg / so, zb, zg, float(zo), 0, 255)
+    assert got.is_contiguous(memory_format=layout)
+    assert (got.float() - ref).abs().max().item() <= 1
+
+
+class _SmallNet(nn.Module):
+    """Small convs (the native kernel's range at batch 1), a residual add and a squeeze-excite gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU())
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.pw(self.dw(y))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return y * s
+
+
+def _lowered(model: nn.Module, shape: tuple) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    data = [torch.randn(*shape) for _ in range(3)]
+    prepared = fxquant.prepare_fx(model.eval(), fxquant.get_default_qconfig_mapping("x86"), (data[0],))
+    with torch.no_grad():
+        for d in data:
+            prepared(d)
+    return fxquant.convert_to_reference_fx(copy.deepcopy(prepared)), fxquant.convert_fx(prepared)
+
+
+def _plans(lowered: nn.Module) -> list[str]:
+    return sorted({run.__qualname__.split(".")[0] for m in lowered.modules() if isinstance(m, qconv._QuantizedConvNd)
+                   for key, run in m._kernel_cache.items() if isinstance(key, tuple)})
+
+
+@needs_native
+def test_lowered_model_runs_its_small_convs_natively_within_one_step():
+    reference, lowered = _lowered(_SmallNet(), (1, 3, 16, 16))
+    step = float([m.scale for m in lowered.modules() if isinstance(m, Q.DeQuantize)][-1])
+    for x in (torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16) * 3 + 0.5):  # (beyond the calibration range)
+        with torch.no_grad():
+            got, expected = lowered(x), reference(x)
+        assert (got - expected).abs().max().item() <= step * 1.001
+    assert "_fbgemm_plan" in _plans(lowered)
+    # the lowered model still copies, saves and loads (the packed weights are dropped and rebuilt)
+    again = copy.deepcopy(lowered)
+    buffer = io.BytesIO()
+    torch.save(lowered, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(x), got) and torch.equal(loaded(x), got)
+
+
+def test_without_the_native_library_the_rules_choose_onednn_or_float(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    facts = x86.Facts(rows=1, onednn_ok=True, input_7bit=True, native_ok=True, outputs=1000, macs=10**6)
+    assert x86.choose("conv", facts) == "onednn"
+    assert x86.choose("add", x86.Facts(native_ok=True, macs=10)) == "aten"
+    reference, lowered = _lowered(_SmallNet(), (1, 3, 16, 16))
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        got, expected = lowered(x), reference(x)
+    step = float([m.scale for m in lowered.modules() if isinstance(m, Q.DeQuantize)][-1])
+    assert (got - expected).abs().max().item() <= step * 1.001
+    assert "_fbgemm_plan" not in _plans(lowered)
+
+
+@needs_native
+def test_native_rule_needs_small_outputs_and_a_fitting_module():
+    base = dict(rows=1, onednn_ok=True, input_7bit=True, native_ok=True, macs=10**6)
+    assert x86.choose("conv", x86.Facts(**base, outputs=2**16)) == "fbgemm"
+    assert x86.choose("conv", x86.Facts(**base, outputs=2**20)) != "fbgemm"  # large maps: onednn measured faster
+    assert x86.choose("conv", x86.Facts(**{**base, "native_ok": False}, outputs=2**16)) != "fbgemm"
+    assert x86.choose("conv", x86.Facts(**{**base, "input_7bit": False}, outputs=2**16)) != "fbgemm" or \
+        x86.cpu_has_vnni()
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    saved = dict(native._state)
+    monkeypatch.setenv("FXQUANT_NATIVE", "0")
+    try:
+        assert "FXQUANT_NATIVE=0" in native.build()
+        assert not native.available()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            native.ConvPlan(torch.ones(1, 1, 1, 1, dtype=torch.int8), torch.ones(1), None, [1, 1], [0, 0], [1, 1],
+                            1, (1.0, 0), (1.0, 0), False, 0, 255)
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+def test_a_failed_build_reports_the_compiler_message(monkeypatch, tmp_path):
+    saved = dict(native._state)
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setenv("FXQUANT_NATIVE_DIR", str(tmp_path / "cache"))
+    try:
+        reason = native.build()
+        assert not native.available()
+        assert "failed" in reason or "compiler" in reason or "x86-64" in reason, reason
+    finally:
+        native._state.clear()
+        native._state.update(saved)
