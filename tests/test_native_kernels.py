@@ -69,15 +69,49 @@ def test_conv_plan_runs_on_several_threads_with_the_same_result():
 
 
 @needs_native
-def test_conv_plan_refuses_input_above_7_bits_only_when_asked():
+def test_conv_plan_refuses_input_that_could_saturate_only_when_asked():
     w = torch.randint(-127, 128, (8, 4, 3, 3), dtype=torch.int8)
+    w[0, 0, 0, :2] = 127  # two full-scale weights of one sign in one channel: 32767 // 254 = 129
     args = (w, torch.full((8,), 0.01), None, [1, 1], [1, 1], [1, 1], 1, (0.05, 3), (0.1, 10), False, 0, 255)
     x = torch.randint(0, 128, (1, 4, 6, 6), dtype=torch.uint8)
     checked, unchecked = native.ConvPlan(*args, check_7bit=True), native.ConvPlan(*args, check_7bit=False)
+    assert checked.input_limit == 129 and unchecked.input_limit == 255
+    assert checked(x) is not None
+    x[0, 2, 3, 3] = 129
     assert checked(x) is not None
     x[0, 2, 3, 3] = 200
     assert checked(x) is None
     assert unchecked(x) is not None
+
+
+@needs_native
+def test_input_limit_follows_the_largest_same_signed_weight_pair():
+    w = torch.zeros(4, 6, 1, 1, dtype=torch.int8)
+    w[0, :3, 0, 0] = torch.tensor([127, -127, 60])  # pairs: 127 + 60 (positive), 127 (negative alone)
+    w[1, :2, 0, 0] = torch.tensor([-90, -40])  # 130
+    plan = native.ConvPlan(w, torch.full((4,), 0.01), None, [1, 1], [0, 0], [1, 1], 1, (0.05, 0), (0.07, 0), False,
+                           0, 255)
+    assert plan.input_limit == 32767 // 187
+    # at the limit the FBGEMM result equals the float reference (no saturation)
+    x = torch.full((1, 6, 3, 3), plan.input_limit, dtype=torch.uint8)
+    ref = torch.clamp(torch.round(F.conv2d(x.float() * 0.05, w.float() * 0.01) / 0.07), 0, 255)
+    assert torch.equal(plan(x).float(), ref)
+
+
+@needs_native
+def test_conv_plan_applies_an_activation_table_after_rounding():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(-127, 128, (16, 16, 3, 3), generator=g).to(torch.int8)
+    x = torch.randint(0, 128, (2, 16, 6, 6), generator=g).to(torch.uint8)
+    table = torch.randint(0, 256, (256,), generator=g).to(torch.uint8)
+    args = (w, torch.full((16,), 0.003), torch.randn(16, generator=g), [1, 1], [1, 1], [1, 1], 1, (0.04, 5),
+            (0.2, 100), False, 20, 230)
+    plain, with_table = native.ConvPlan(*args), native.ConvPlan(*args, table=table)
+    rounded = plain(x)
+    assert rounded.min() >= 20 and rounded.max() <= 230  # the range applies before the table
+    assert torch.equal(with_table(x), table[rounded.long()])
+    with pytest.raises(ValueError, match="256 uint8"):
+        native.ConvPlan(*args, table=torch.zeros(10, dtype=torch.uint8))
 
 
 @needs_native
@@ -171,6 +205,45 @@ def test_lowered_model_runs_its_small_convs_natively_within_one_step():
     loaded = torch.load(buffer, weights_only=False)
     with torch.no_grad():
         assert torch.equal(again(x), got) and torch.equal(loaded(x), got)
+
+
+class _HardswishNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.p = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.p(F.hardswish(self.d(F.hardswish(self.c(x)))))
+
+
+@needs_native
+def test_conv_with_a_folded_hardswish_rounds_its_own_output_like_the_reference():
+    """onednn applies the folded activation before its one rounding (a step off the reference); the native
+    kernel rounds at the conv's own qparams, then applies the activation's table: the reference's integers, in
+    and beyond the calibration range (there through the exact float fallback)."""
+    reference, lowered = _lowered(_HardswishNet(), (1, 3, 16, 16))
+    convs = [m for m in lowered.modules() if isinstance(m, Q.Conv2d)]
+    assert [m.post_op for m in convs] == ["hardswish", "hardswish", "none"]
+    assert all(m.activation_table is not None for m in convs[:2])
+    step = float([m.scale for m in lowered.modules() if isinstance(m, Q.DeQuantize)][-1])
+    for x in (torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16) * 3 + 0.5):
+        with torch.no_grad():
+            assert (lowered(x) - reference(x)).abs().max().item() <= step * 1e-3
+    assert _plans(lowered) == ["_fbgemm_plan"]
+    # the table and the conv's own qparams are state: saved, loaded with weights_only, kept by a fresh module
+    state = lowered.state_dict()
+    assert {"c.activation_table", "c.pre_activation_scale", "d.pre_activation_zero_point"} <= set(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    again = copy.deepcopy(lowered)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(again(x), lowered(x))
+    bare = Q.Conv2d({})
+    bare.load_state_dict({k.removeprefix("c."): v for k, v in state.items() if k.startswith("c.")})
+    assert bare.pre_activation_range == convs[0].pre_activation_range
 
 
 def test_without_the_native_library_the_rules_choose_onednn_or_float(monkeypatch):

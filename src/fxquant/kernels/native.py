@@ -31,7 +31,7 @@ import torch
 __all__ = ["available", "status", "build", "ConvPlan", "add", "mul_gate", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 4
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None, "why": the reason it is None
 
@@ -90,9 +90,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_abi_version.restype = i
     lib.fxq_cpu_supported.restype = i
     lib.fxq_conv_create.restype = p
-    lib.fxq_conv_create.argtypes = [i, i, i, i, p, p, p, p, p, i, p, f, i, f, i, p, i, i, i, i]
+    lib.fxq_conv_create.argtypes = [i, i, i, i, p, p, p, p, p, i, p, f, i, f, i, p, i, i, i, i, p]
     lib.fxq_conv_run.restype = i
     lib.fxq_conv_run.argtypes = [p, p, p, i, p, i]
+    lib.fxq_conv_input_limit.restype = i
+    lib.fxq_conv_input_limit.argtypes = [p]
     lib.fxq_conv_free.restype = None
     lib.fxq_conv_free.argtypes = [p]
     lib.fxq_add_u8.restype = None
@@ -168,13 +170,15 @@ class ConvPlan:
     one per output channel). ``__call__`` takes a uint8 batch and returns the uint8 channels-last result
     ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``, or None when ``check_7bit`` is set
     and the input holds a value above 127: without VNNI FBGEMM multiplies with ``vpmaddubsw``, whose pair sums
-    saturate in int16 beyond 7-bit input (the caller then runs an exact kernel).
+    saturate in int16 beyond 7-bit input (the caller then runs an exact kernel). ``table`` (256 uint8 values):
+    applied to each clamped result -- an activation after the conv with its own output qparams, exactly as a
+    separate table lookup would.
     """
 
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                  input_qparams: tuple[float, int], output_qparams: tuple[float, int], relu: bool,
-                 low: int, high: int, check_7bit: bool = True) -> None:
+                 low: int, high: int, check_7bit: bool = True, table: torch.Tensor | None = None) -> None:
         lib = _library()
         if lib is None:
             raise RuntimeError(f"native kernels unavailable: {status()}")
@@ -186,16 +190,21 @@ class ConvPlan:
         w = weight.movedim(1, -1).contiguous()  # (out, *kernel, in / groups)
         scales = w_scale.detach().float().reshape(-1).contiguous()
         b = None if bias is None else bias.detach().float().contiguous()
-        self._keep = (w, scales, b)
+        if table is not None and (table.dtype != torch.uint8 or table.shape != (256,)):
+            raise ValueError(f"ConvPlan: the activation table must be 256 uint8 values, got {table.dtype} "
+                             f"{tuple(table.shape)}")
+        t = None if table is None else table.contiguous()
+        self._keep = (w, scales, b, t)
         handle = lib.fxq_conv_create(
             dims, int(weight.shape[1]) * groups, self.out_channels, groups, _ints(self.kernel), _ints(self.stride),
             _ints(self.padding + self.padding), _ints(self.dilation), w.data_ptr(), int(scales.numel() > 1),
             scales.data_ptr(), float(input_qparams[0]), int(input_qparams[1]), float(output_qparams[0]),
             int(output_qparams[1]), None if b is None else b.data_ptr(), int(relu), int(low), int(high),
-            int(check_7bit))
+            int(check_7bit), None if t is None else t.data_ptr())
         if not handle:
             raise RuntimeError("FBGEMM could not pack this convolution")
         self._handle = handle
+        self.input_limit = int(lib.fxq_conv_input_limit(handle))
         self._free = lib.fxq_conv_free
         self._run = lib.fxq_conv_run
         self._layout = {1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d}[dims]

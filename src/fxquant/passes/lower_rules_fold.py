@@ -4,8 +4,9 @@
     LookupTable[hardswish](QConv(x)) -> QConv(x) with post_op hardswish, the table's output qparams
 
 A clamp of the integer output is exact to fold: the conv's onednn kernel applies it as a fused ``hardtanh``
-before quantizing (quantization is monotonic). A folded activation skips the rounding of the conv's own output
-(as the fused residual add does), so that output may differ from the reference by one step of it.
+before quantizing (quantization is monotonic). onednn applies a folded activation before the one rounding (as
+the fused residual add skips the conv output's), so that output may differ from the reference by one step of it;
+the conv keeps its own output qparams and the table, and the native FBGEMM kernel rounds, then looks up: exact.
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def _activation_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     chain, out = m["out"].meta[UNARY_CHAIN]
     src = _producer(low, m)
     mod = low.module(src)
+    # the conv's own output qparams and the table from them: a kernel that rounds the conv output first (the
+    # native FBGEMM one) applies the table after it, exactly as the reference does
+    mod.set_pre_activation(float(mod.output_scale), int(mod.output_zero_point), mod.output_spec.quant_min,
+                           mod.output_spec.quant_max, low.module(m["out"]).table)
     mod.post_op = _CONV_ACTIVATIONS[chain[0]]
     mod.output_scale.fill_(out.scale)
     mod.output_zero_point.fill_(out.zero_point)

@@ -30,6 +30,7 @@ class Convolution {
  public:
   virtual ~Convolution() = default;
   virtual int run(const std::uint8_t* x, std::uint8_t* y, int batch, const int* image, int threads) = 0;
+  virtual int input_limit() const = 0;
 };
 
 struct Requant {
@@ -40,14 +41,39 @@ struct Requant {
   std::vector<float> bias;
   int input_zero = 0, output_zero = 0, low = 0, high = 255;
   bool relu = false, per_channel = false;
-  bool check_7bit = false;  // refuse input above 127 (uint8 x int8 pair sums saturate in int16 without VNNI)
+  // without VNNI FBGEMM multiplies with vpmaddubsw: two uint8 x int8 products of one output channel summed in
+  // int16 (saturating). With every input at most `input_limit` no pair sum can leave int16: the limit is
+  // 32767 / (the largest sum of two same-signed weights of one output channel); 255 = no check
+  int input_limit = 255;
+  std::vector<std::uint8_t> table;  // 256 entries applied to the result (an activation after the conv), or empty
 };
 
-// whether any byte has its top bit set (an OR over the buffer: vectorized, ~0.05 ns a byte)
-__attribute__((target_clones("avx2", "default"))) bool any_above_127(const std::uint8_t* x, std::size_t n) {
-  std::uint8_t acc = 0;
-  for (std::size_t i = 0; i < n; ++i) acc |= x[i];
-  return (acc & 0x80) != 0;
+// the largest byte (vectorized)
+__attribute__((target_clones("avx2", "default"))) std::uint8_t max_byte(const std::uint8_t* x, std::size_t n) {
+  std::uint8_t m = 0;
+  for (std::size_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// 32767 / the largest sum of two same-signed weights within one output channel (at least 127, at most 255)
+int saturation_free_limit(const std::int8_t* weight, int out_channels, int per_output) {
+  int worst = 1;
+  for (int o = 0; o < out_channels; ++o) {
+    int pos[2] = {0, 0}, neg[2] = {0, 0};  // the two largest positive / negative magnitudes
+    const std::int8_t* row = weight + static_cast<std::size_t>(o) * per_output;
+    for (int j = 0; j < per_output; ++j) {
+      int* top = row[j] >= 0 ? pos : neg;
+      int v = row[j] >= 0 ? row[j] : -row[j];
+      if (v > top[0]) {
+        top[1] = top[0];
+        top[0] = v;
+      } else if (v > top[1]) {
+        top[1] = v;
+      }
+    }
+    worst = std::max(worst, std::max(pos[0] + pos[1], neg[0] + neg[1]));
+  }
+  return std::min(255, 32767 / worst);
 }
 
 template <int D>
@@ -62,12 +88,14 @@ class PackedConvolution final : public Convolution {
     packed_ = std::make_unique<fbgemm::PackWeightsForConv<D>>(params(1, nominal), weight);
   }
 
+  int input_limit() const override { return rq_.input_limit; }
+
   int run(const std::uint8_t* x, std::uint8_t* y, int batch, const int* image, int threads) override {
     const auto p = params(batch, first<D>(image));
-    if (rq_.check_7bit) {
+    if (rq_.input_limit < 255) {
       std::size_t count = static_cast<std::size_t>(batch) * in_channels_;
       for (int i = 0; i < D; ++i) count *= static_cast<std::size_t>(image[i]);
-      if (any_above_127(x, count)) return 1;
+      if (max_byte(x, count) > rq_.input_limit) return 1;
     }
     if (rq_.relu) {
       return rq_.per_channel ? go<true, QuantizationGranularity::OUT_CHANNEL>(p, x, y, threads)
@@ -109,10 +137,19 @@ class PackedConvolution final : public Convolution {
         }
       }
     }
-    // fbgemm clamps to 0..255 (relu: from the output zero point); narrower ranges (reduce_range, relu6) here
+    // fbgemm clamps to 0..255 (relu: from the output zero point); narrower ranges (reduce_range, relu6) and an
+    // activation table here, in one pass
     const int floor = RELU ? std::max(rq_.low, rq_.output_zero) : rq_.low;
-    if (floor > (RELU ? rq_.output_zero : 0) || rq_.high < 255) {
-      const auto lo = static_cast<std::uint8_t>(floor), hi = static_cast<std::uint8_t>(rq_.high);
+    const bool clamp = floor > (RELU ? rq_.output_zero : 0) || rq_.high < 255;
+    const auto lo = static_cast<std::uint8_t>(floor), hi = static_cast<std::uint8_t>(rq_.high);
+    if (!rq_.table.empty()) {
+      const std::uint8_t* t = rq_.table.data();
+      for (std::size_t i = 0; i < count; ++i) {
+        std::uint8_t v = y[i];
+        v = v < lo ? lo : v;
+        y[i] = t[v > hi ? hi : v];
+      }
+    } else if (clamp) {
       for (std::size_t i = 0; i < count; ++i) {
         std::uint8_t v = y[i];
         v = v < lo ? lo : v;
@@ -146,7 +183,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 2; }
+int fxq_abi_version() { return 4; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
@@ -154,11 +191,14 @@ int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 // (out_channels, *kernel, in_channels / groups); pad holds the leading pads then the trailing ones.
 // w_scale: one value, or one per output channel (per_channel). bias: out_channels floats or null.
 // Output: quantize(relu?(conv(dequantize(x)) + bias)) clamped to [low, high]. Null on failure.
-// check_7bit: fxq_conv_run returns 1 (and computes nothing) when the input holds a value above 127.
+// check_7bit: fxq_conv_run returns 1 (and computes nothing) when an input value could make a pair of products
+// saturate in int16 (CPUs without VNNI): above 127, or above 32767 / (the largest sum of two same-signed weights
+// of one output channel) where that is higher.
+// table: null, or 256 uint8 values applied to each result (an activation and requantization after the conv).
 void* fxq_conv_create(int dims, int in_channels, int out_channels, int groups, const int* kernel, const int* stride,
                       const int* pad, const int* dilation, const std::int8_t* weight, int per_channel,
                       const float* w_scale, float in_scale, int in_zero, float out_scale, int out_zero,
-                      const float* bias, int relu, int low, int high, int check_7bit) {
+                      const float* bias, int relu, int low, int high, int check_7bit, const std::uint8_t* table) {
   try {
     Requant rq;
     int per_output = in_channels / groups;
@@ -183,7 +223,8 @@ void* fxq_conv_create(int dims, int in_channels, int out_channels, int groups, c
     rq.high = high;
     rq.relu = relu != 0;
     rq.per_channel = per_channel != 0;
-    rq.check_7bit = check_7bit != 0;
+    rq.input_limit = check_7bit != 0 ? saturation_free_limit(weight, out_channels, per_output) : 255;
+    if (table != nullptr) rq.table.assign(table, table + 256);
     switch (dims) {
       case 1:
         return new PackedConvolution<1>(in_channels, out_channels, groups, kernel, stride, pad, dilation, weight,
@@ -204,6 +245,7 @@ void* fxq_conv_create(int dims, int in_channels, int out_channels, int groups, c
 
 // x: (batch, *image, in_channels) uint8; y: (batch, *out_image, out_channels) uint8. 0 on success, 1 when
 // check_7bit refused the input, another value on failure.
+int fxq_conv_input_limit(void* conv);
 int fxq_conv_run(void* conv, const std::uint8_t* x, std::uint8_t* y, int batch, const int* image, int threads) {
   try {
     return static_cast<Convolution*>(conv)->run(x, y, batch, image, threads);
@@ -211,6 +253,8 @@ int fxq_conv_run(void* conv, const std::uint8_t* x, std::uint8_t* y, int batch, 
     return -1;
   }
 }
+
+int fxq_conv_input_limit(void* conv) { return static_cast<Convolution*>(conv)->input_limit(); }
 
 void fxq_conv_free(void* conv) { delete static_cast<Convolution*>(conv); }
 

@@ -65,7 +65,8 @@ def _scalar(value: Any, dtype: torch.dtype, name: str, where: str) -> torch.Tens
     return t.reshape(()).to(dtype)
 
 
-_OPTIONAL_BUFFERS = ("bias", "output_scale", "output_zero_point", "other_scale", "other_zero_point")
+_OPTIONAL_BUFFERS = ("bias", "output_scale", "output_zero_point", "other_scale", "other_zero_point",
+                     "pre_activation_scale", "pre_activation_zero_point", "activation_table")
 
 
 class QuantizedModuleBase(nn.Module):
@@ -81,6 +82,18 @@ class QuantizedModuleBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._kernel_cache: dict[str, Any] = {}
+        self.pre_activation_range: tuple[int, int] | None = None
+
+    def set_pre_activation(self, scale: float, zero_point: int, quant_min: int, quant_max: int,
+                           table: torch.Tensor) -> None:
+        """Record the qparams and range of this module's own output before a folded activation (``post_op``
+        hardswish / silu) and the 256-entry table that maps it to the final output: a kernel that rounds there
+        first applies the table after it, as the reference model does."""
+        self.register_buffer("pre_activation_scale", torch.tensor(float(scale)))
+        self.register_buffer("pre_activation_zero_point", torch.tensor(int(zero_point)))
+        self.register_buffer("activation_table", table.detach().clone())
+        self.pre_activation_range = (int(quant_min), int(quant_max))
+        self._kernel_cache = {}
 
     def _init_quant(self, weight_spec: WeightSpec, weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     bias: torch.Tensor | None, act: Mapping[str, Any]) -> None:
@@ -149,9 +162,12 @@ class QuantizedModuleBase(nn.Module):
 
     # ------------------------------------------------------------------------------------------ persistence
     def get_extra_state(self) -> dict[str, Any]:
-        return {"post_op": self.post_op, "weight_spec": self.weight_spec.to_state(),
-                "input_spec": self.input_spec.to_state(), "output_spec": self.output_spec.to_state(),
-                "other_spec": None if self.other_spec is None else self.other_spec.to_state()}
+        state = {"post_op": self.post_op, "weight_spec": self.weight_spec.to_state(),
+                 "input_spec": self.input_spec.to_state(), "output_spec": self.output_spec.to_state(),
+                 "other_spec": None if self.other_spec is None else self.other_spec.to_state()}
+        if self.pre_activation_range is not None:
+            state["pre_activation_range"] = list(self.pre_activation_range)
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or "weight_spec" not in state:
@@ -162,6 +178,8 @@ class QuantizedModuleBase(nn.Module):
         self.input_spec = ActSpec.from_state(state["input_spec"])
         self.output_spec = ActSpec.from_state(state["output_spec"])
         self.other_spec = None if state["other_spec"] is None else ActSpec.from_state(state["other_spec"])
+        pre = state.get("pre_activation_range")
+        self.pre_activation_range = None if pre is None else (int(pre[0]), int(pre[1]))
         for name in _OPTIONAL_BUFFERS:  # a bare module loading a state dict: absent optional buffers are None
             if name not in self._buffers:
                 self.register_buffer(name, None)

@@ -102,10 +102,19 @@ class _QuantizedConvNd(QuantizedModuleBase):
 
     def _native_ok(self) -> bool:
         """FBGEMM's convolution computes this module: uint8 in and out, symmetric int8 weights, post-op none or
-        relu (fused), groups 1 or a multiple of 8 (its depthwise kernel is ~50x slower on other channel counts,
-        e.g. 116 channels: 3.9 ms against 75 us for 120)."""
+        relu (fused), or a folded activation with its table (applied after rounding the conv's own output),
+        groups 1 or a multiple of 8 (its depthwise kernel is ~50x slower on other channel counts, e.g. 116
+        channels: 3.9 ms against 75 us for 120)."""
         return (self._conv_onednn_ok() and self.output_spec.dtype == torch.uint8
-                and self.post_op in ("none", "relu") and (self.groups == 1 or self.groups % 8 == 0))
+                and (self.post_op in ("none", "relu") or self._activation_table() is not None)
+                and (self.groups == 1 or self.groups % 8 == 0))
+
+    def _activation_table(self) -> torch.Tensor | None:
+        """The uint8 table of a folded activation (with the conv's own output qparams), when recorded."""
+        table = getattr(self, "activation_table", None)
+        ok = table is not None and table.dtype == torch.uint8 and getattr(self, "pre_activation_range", None) \
+            and self.post_op not in portable.BINARY_POST_OPS
+        return table if ok else None
 
     def _conv_onednn_ok(self) -> bool:
         plain = not self._TRANSPOSED and self.padding_mode == "zeros" and not isinstance(self.padding, str)
@@ -272,17 +281,28 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 
 def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     """FBGEMM's convolution through the native library (:mod:`fxquant.kernels.native`): one ctypes call with the
-    weight packed once, relu and the output range fused. An input above 127 on a CPU without VNNI (beyond the
-    calibrated 7-bit range) runs the kernel the rules choose without it; where FBGEMM cannot pack the geometry,
-    that kernel runs always."""
-    spec = mod.output_spec
+    weight packed once, relu, the output range and a folded activation's table fused. Input that could saturate
+    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`;
+    where FBGEMM cannot pack the geometry, the kernel the rules choose without it."""
+    spec, table = mod.output_spec, mod._activation_table()
+    out_qparams = (float(mod.output_scale), int(mod.output_zero_point))
+    low, high = spec.quant_min, spec.quant_max
+    if table is not None:  # round at the conv's own qparams, then the activation's table
+        out_qparams = (float(mod.pre_activation_scale), int(mod.pre_activation_zero_point))
+        low, high = mod.pre_activation_range
     try:
         conv = native.ConvPlan(mod.weight_int, mod.weight_scale, mod.bias, mod.stride, mod.padding, mod.dilation,
-                               mod.groups, (float(mod.input_scale), int(mod.input_zero_point)),
-                               (float(mod.output_scale), int(mod.output_zero_point)), mod.post_op == "relu",
-                               spec.quant_min, spec.quant_max, check_7bit=not x86.cpu_has_vnni())
-    except RuntimeError:
-        return lambda x, other: _fallback(mod, x)(x, other)
+                               mod.groups, (float(mod.input_scale), int(mod.input_zero_point)), out_qparams,
+                               mod.post_op == "relu", low, high, check_7bit=not x86.cpu_has_vnni(), table=table)
+    except RuntimeError:  # FBGEMM cannot pack it: the rules' choice without the native kernel, per batch size
+        chosen: dict[int, Plan] = {}
+
+        def without(x: torch.Tensor, other: Any) -> torch.Tensor:
+            if x.shape[0] not in chosen:
+                facts = mod._facts(x, compiling=False, native_ok=False)
+                chosen[x.shape[0]] = _plan(mod, x86.choose(mod._OP, facts))
+            return chosen[x.shape[0]](x, other)
+        return without
     fallback: dict[int, Plan] = {}
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
@@ -296,8 +316,19 @@ def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 
 
 def _fallback(mod: _QuantizedConvNd, x: torch.Tensor) -> Plan:
-    """The plan the kernel rules choose for ``x`` without the native kernel."""
-    return _plan(mod, x86.choose(mod._OP, mod._facts(x, compiling=False, native_ok=False)))
+    """An exact plan for input the native kernel refused (values that could saturate its int16 pair sums):
+    the folded float conv; for a folded activation with its table, the reference's order in float (conv,
+    round at the conv's own qparams, table)."""
+    table = mod._activation_table()
+    if table is None:  # (onednn's int8 kernels saturate like FBGEMM's on such input: the float plan)
+        return _float_plan(mod, "float")
+    inv, offset = 1.0 / float(mod.pre_activation_scale), uint8.offset(int(mod.pre_activation_zero_point))
+    low, high = mod.pre_activation_range
+
+    def run(x: torch.Tensor, other: Any) -> torch.Tensor:
+        y = mod._float_conv(portable.dequantize(x, mod.input_scale, mod.input_zero_point))
+        return uint8.lookup(uint8.quantize(y, inv, offset, low, high, torch.uint8), table)
+    return run
 
 
 def _plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
