@@ -297,3 +297,42 @@ def test_a_failed_build_reports_the_compiler_message(monkeypatch, tmp_path):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,k,n", [(1, 64, 32), (7, 96, 40), (130, 48, 200)])
+@pytest.mark.parametrize("relu,per_channel", [(False, True), (True, False)])
+def test_dynamic_linear_plan_matches_the_fake_quantized_reference(rows, k, n, relu, per_channel):
+    from fxquant.kernels import dynamic
+    g = torch.Generator().manual_seed(rows + k)
+    w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    ws = torch.rand(n if per_channel else 1, generator=g) * 0.01 + 0.001
+    b = torch.randn(n, generator=g)
+    x = torch.randn(rows, k, generator=g) * 3
+    lo, hi = torch.aminmax(x)
+    scale, zp = dynamic.affine_qparams(float(lo), float(hi), 0, 127)
+    ref = F.linear(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 127), w.float() * ws.reshape(-1, 1), b)
+    ref = ref.relu() if relu else ref
+    got = native.DynamicLinearPlan(w, ws, b, relu)(x, scale, zp)
+    # exact int32 products, one float scaling: float32 rounding of the reference's float GEMM apart
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+    with pytest.raises(TypeError, match="rebuild it"):
+        pickle.dumps(native.DynamicLinearPlan(w, ws, None, False))
+
+
+@needs_native
+def test_lowered_dynamic_linear_runs_fbgemm_within_the_reference_tolerance():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    mapping = fxquant.QConfigMapping().set_global(fxquant.default_dynamic_qconfig)
+    x = torch.randn(5, 64)
+    prepared = fxquant.prepare_fx(model, mapping, (x,))
+    reference = fxquant.convert_to_reference_fx(copy.deepcopy(prepared))
+    lowered = fxquant.convert_fx(prepared)
+    with torch.no_grad():
+        got, expected = lowered(x), reference(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    linears = [m for m in lowered.modules() if isinstance(m, Q.LinearDynamic)]
+    assert linears and all("fbgemm_dynamic" in m._kernel_cache for m in linears)
+    again = copy.deepcopy(lowered)  # the packed weights are dropped and rebuilt
+    with torch.no_grad():
+        assert torch.equal(again(x), got)

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["available", "status", "build", "ConvPlan", "add", "mul_gate", "SOURCE"]
+__all__ = ["available", "status", "build", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None, "why": the reason it is None
 
@@ -97,6 +97,12 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_conv_input_limit.argtypes = [p]
     lib.fxq_conv_free.restype = None
     lib.fxq_conv_free.argtypes = [p]
+    lib.fxq_linear_create.restype = p
+    lib.fxq_linear_create.argtypes = [i, i, p, i, p, p, i]
+    lib.fxq_linear_dynamic.restype = i
+    lib.fxq_linear_dynamic.argtypes = [p, p, p, i, f, i, i]
+    lib.fxq_linear_free.restype = None
+    lib.fxq_linear_free.argtypes = [p]
     lib.fxq_add_u8.restype = None
     lib.fxq_add_u8.argtypes = [p, p, p, i64, f, f, f, f, f, i]
     lib.fxq_mul_gate_u8.restype = None
@@ -208,6 +214,7 @@ class ConvPlan:
         self._free = lib.fxq_conv_free
         self._run = lib.fxq_conv_run
         self._layout = {1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+        self._shapes: dict[torch.Size, tuple[torch.Tensor, ctypes.Array, int]] = {}
 
     def output_shape(self, shape: Sequence[int]) -> list[int]:
         out = [int(shape[0]), self.out_channels]
@@ -216,18 +223,34 @@ class ConvPlan:
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        shape = x.shape
+        known = self._shapes.get(shape)
+        if known is None:
+            if len(self._shapes) >= 64:  # (many input sizes: keep the newest)
+                self._shapes.clear()
+            known = self._shapes[shape] = self._prepare(shape)
+        proto, image, batch = known
         if self.dims == 1:  # (N, C, L) as (N, L, C) memory: a channels-last 1-d batch
-            y = torch.empty([x.shape[0], *self.output_shape(x.shape)[2:], self.out_channels], dtype=torch.uint8)
-            return y.transpose(1, 2) if self._go(x.transpose(1, 2).contiguous(), y, x.shape) else None
-        x = x.contiguous(memory_format=self._layout)
-        y = torch.empty(self.output_shape(x.shape), dtype=torch.uint8, memory_format=self._layout)
-        return y if self._go(x, y, x.shape) else None
+            x, y = x.transpose(1, 2).contiguous(), torch.empty_like(proto)
+            done = self._go(x, y, batch, image, shape)
+            return y.transpose(1, 2) if done else None
+        x, y = x.contiguous(memory_format=self._layout), torch.empty_like(proto)
+        return y if self._go(x, y, batch, image, shape) else None
 
-    def _go(self, x: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> bool:
+    def _prepare(self, shape: torch.Size) -> tuple[torch.Tensor, ctypes.Array, int]:
+        """Per input shape: an empty output to copy the layout of (``empty_like`` is the cheapest allocation), the
+        image size as a C array, the batch."""
+        out = self.output_shape(shape)
+        if self.dims == 1:
+            proto = torch.empty([out[0], out[2], out[1]], dtype=torch.uint8)
+        else:
+            proto = torch.empty(out, dtype=torch.uint8, memory_format=self._layout)
+        return proto, _ints(list(shape[2:])), int(shape[0])
+
+    def _go(self, x: torch.Tensor, y: torch.Tensor, batch: int, image: ctypes.Array, shape: Sequence[int]) -> bool:
         if y.numel() == 0:
             return True
-        rc = self._run(self._handle, x.data_ptr(), y.data_ptr(), int(shape[0]), _ints(list(shape[2:])),
-                       torch.get_num_threads())
+        rc = self._run(self._handle, x.data_ptr(), y.data_ptr(), batch, image, torch.get_num_threads())
         if rc not in (0, 1):
             raise RuntimeError(f"FBGEMM convolution failed (status {rc}) on input shape {tuple(shape)}")
         return rc == 0
@@ -239,6 +262,49 @@ class ConvPlan:
 
     def __reduce__(self) -> None:  # type: ignore[override]
         raise TypeError("a native ConvPlan holds FBGEMM's packed weight: rebuild it, never pickle or copy it")
+
+
+class DynamicLinearPlan:
+    """FBGEMM's dynamic linear (torch.ao's kernel for dynamic quantization on x86) with the weight packed once.
+
+    ``weight``: int8 ``(out, in)``, symmetric scales ``w_scale`` (one, or one per output feature). ``__call__(x,
+    scale, zero_point)`` takes float32 ``x`` (rows, in) and the activation qparams (computed by the caller as the
+    reference does), quantizes ``x`` while packing it (to 0..255), multiplies exactly in int32 and returns
+    ``relu?(s_x * s_w * (q_x - zp) @ W^T + bias)`` in float32.
+    """
+
+    def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError(f"native kernels unavailable: {status()}")
+        self._lib = lib
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        w = weight.contiguous()
+        scales = w_scale.detach().float().reshape(-1).contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        handle = lib.fxq_linear_create(self.in_features, self.out_features, w.data_ptr(), int(scales.numel() > 1),
+                                       scales.data_ptr(), None if b is None else b.data_ptr(), int(relu))
+        if not handle:
+            raise RuntimeError("FBGEMM could not pack this linear layer")
+        self._handle, self._free, self._run = handle, lib.fxq_linear_free, lib.fxq_linear_dynamic
+
+    def __call__(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        x = x.contiguous()
+        rows = x.numel() // self.in_features
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        if rows:
+            rc = self._run(self._handle, x.data_ptr(), y.data_ptr(), rows, scale, zero_point, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"FBGEMM dynamic linear failed (status {rc}) on input shape {tuple(x.shape)}")
+        return y
+
+    def __del__(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self._free(handle)
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError("a native DynamicLinearPlan holds FBGEMM's packed weight: rebuild it, never pickle or copy it")
 
 
 def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, c: float, low: int, high: int) -> torch.Tensor:

@@ -166,6 +166,69 @@ class PackedConvolution final : public Convolution {
   std::unique_ptr<fbgemm::PackWeightsForConv<D>> packed_;
 };
 
+// A linear layer with symmetric int8 weights packed once, on float input quantized per tensor at run time
+// (inside FBGEMM's packing of the activations, as torch.ao's dynamic linear does), float output.
+class DynamicLinear {
+ public:
+  DynamicLinear(int in_features, int out_features, const std::int8_t* weight, int per_channel,
+                const float* w_scale, const float* bias, int relu)
+      : k_(in_features), n_(out_features), relu_(relu != 0), per_channel_(per_channel != 0) {
+    // B = W^T (K x N) from the (N, K) row-major weight
+    packed_ = std::make_unique<fbgemm::PackBMatrix<std::int8_t>>(fbgemm::matrix_op_t::Transpose, k_, n_, weight, k_,
+                                                                  nullptr, 1);
+    column_sums_.resize(n_);
+    for (int o = 0; o < n_; ++o) {
+      std::int32_t sum = 0;
+      for (int j = 0; j < k_; ++j) sum += weight[static_cast<std::size_t>(o) * k_ + j];
+      column_sums_[o] = sum;
+    }
+    const int scales = per_channel_ ? n_ : 1;
+    w_scale_.assign(w_scale, w_scale + scales);
+    w_zero_.assign(scales, 0);
+    if (bias != nullptr) bias_.assign(bias, bias + n_);
+  }
+
+  int run(const float* x, float* y, int rows, float scale, int zero_point, int threads) {
+    if (relu_) {
+      return per_channel_ ? go<true, QuantizationGranularity::OUT_CHANNEL>(x, y, rows, scale, zero_point, threads)
+                          : go<true, QuantizationGranularity::TENSOR>(x, y, rows, scale, zero_point, threads);
+    }
+    return per_channel_ ? go<false, QuantizationGranularity::OUT_CHANNEL>(x, y, rows, scale, zero_point, threads)
+                        : go<false, QuantizationGranularity::TENSOR>(x, y, rows, scale, zero_point, threads);
+  }
+
+ private:
+  template <bool RELU, QuantizationGranularity G>
+  int go(const float* x, float* y, int rows, float scale, int zero_point, int threads) {
+    thread_local std::vector<std::int32_t> scratch;
+    const std::size_t count = static_cast<std::size_t>(rows) * n_;
+    if (scratch.size() < count) scratch.resize(count);
+    std::int32_t* buffer = scratch.data();
+    auto part = [&](int id, int of) {
+      fbgemm::PackAWithQuantRowOffset<std::uint8_t> packed_x(fbgemm::matrix_op_t::NoTranspose, rows, k_, x, k_,
+                                                              nullptr, scale, zero_point, 1);
+      fbgemm::DoNothing<float, float> done;
+      fbgemm::ReQuantizeForFloat<RELU, G> output(done, scale, w_scale_.data(), zero_point, w_zero_.data(),
+                                                 packed_x.getRowOffsetBuffer(), column_sums_.data(),
+                                                 bias_.empty() ? nullptr : bias_.data(), n_);
+      fbgemm::fbgemmPacked(packed_x, *packed_, y, buffer, n_, output, id, of);
+    };
+    if (threads <= 1) {
+      part(0, 1);
+    } else {
+#pragma omp parallel num_threads(threads)
+      part(omp_get_thread_num(), omp_get_num_threads());
+    }
+    return 0;
+  }
+
+  int k_, n_;
+  bool relu_, per_channel_;
+  std::unique_ptr<fbgemm::PackBMatrix<std::int8_t>> packed_;
+  std::vector<std::int32_t> column_sums_, w_zero_;
+  std::vector<float> w_scale_, bias_;
+};
+
 // 1.5 * 2^23: adding it to a float in [-2^22, 2^22] rounds to an integer (half to even) held in the low mantissa
 // bits, so the low byte of the sum's bits is the rounded value (two's complement for negative ones)
 constexpr float kRound = 12582912.0f;
@@ -183,7 +246,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 4; }
+int fxq_abi_version() { return 5; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
@@ -257,6 +320,29 @@ int fxq_conv_run(void* conv, const std::uint8_t* x, std::uint8_t* y, int batch, 
 int fxq_conv_input_limit(void* conv) { return static_cast<Convolution*>(conv)->input_limit(); }
 
 void fxq_conv_free(void* conv) { delete static_cast<Convolution*>(conv); }
+
+// weight: (out_features, in_features) int8, symmetric; w_scale: one value or one per output feature; bias: null or
+// out_features floats. Null on failure.
+void* fxq_linear_create(int in_features, int out_features, const std::int8_t* weight, int per_channel,
+                        const float* w_scale, const float* bias, int relu) {
+  try {
+    return new DynamicLinear(in_features, out_features, weight, per_channel, w_scale, bias, relu);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// y (rows, out_features) = relu?(dequantize(quantize(x, scale, zero_point)) @ W^T + bias) for float x
+// (rows, in_features); the quantization clamps to 0..255 (the caller's range follows from the qparams)
+int fxq_linear_dynamic(void* linear, const float* x, float* y, int rows, float scale, int zero_point, int threads) {
+  try {
+    return static_cast<DynamicLinear*>(linear)->run(x, y, rows, scale, zero_point, threads);
+  } catch (...) {
+    return -1;
+  }
+}
+
+void fxq_linear_free(void* linear) { delete static_cast<DynamicLinear*>(linear); }
 
 // out[i] = round(clamp(a[i] * ka + b[i] * kb + c, low, high)) over n elements of the same layout
 // (a quantized add: ka = sa / so, kb = sb / so, c = zo - za * ka - zb * kb; relu: low = zo)

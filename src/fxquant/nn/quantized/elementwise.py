@@ -275,23 +275,31 @@ class QuantizedBinary(_ScalarModule):
             if not _gated(b, a):
                 return None
             a, b, swapped = b, a, True
-        key = ("native", self.op)
-        choice = self._kernel_cache.get(key)
-        if choice is None:
-            facts = x86.Facts(device="cpu", native_ok=True, macs=a.numel())
-            choice = self._kernel_cache[key] = x86.choose("add", facts) == "native"
-        if not choice:
+        consts = self._kernel_cache.get("native")
+        if consts is None:
+            consts = self._kernel_cache["native"] = self._native_consts(a, relu_min)
+        if not consts:
             return None
+        if self.op == "add":
+            ka, kb, c, lo, hi = consts
+            return native.add(a, b, ka, kb, c, lo, hi)
+        k, za, zb, c, lo, hi = consts
+        if swapped:
+            za, zb = zb, za
+        return native.mul_gate(a, b, k, za, zb, c, lo, hi)
+
+    def _native_consts(self, a: torch.Tensor, relu_min: int) -> tuple:
+        """The native kernel's constants (empty when the kernel rules do not choose it)."""
+        if x86.choose("add", x86.Facts(device="cpu", native_ok=True, macs=a.numel())) != "native":
+            return ()
         sa, za = float(self.a_scale), int(self.a_zero_point)
         sb, zb = float(self.b_scale), int(self.b_zero_point)
         so, zo = float(self.out_scale), int(self.out_zero_point)
         lo, hi = max(relu_min, self.quant_min), self.quant_max
         if self.op == "add":
             ka, kb = sa / so, sb / so
-            return native.add(a, b, ka, kb, zo - (za * ka + zb * kb), lo, hi)
-        if swapped:
-            za, zb = zb, za
-        return native.mul_gate(a, b, sa * sb / so, za, zb, float(zo), lo, hi)
+            return ka, kb, zo - (za * ka + zb * kb), lo, hi
+        return sa * sb / so, za, zb, float(zo), lo, hi
 
     def _onednn_add(self, a: torch.Tensor) -> bool:
         """Whether the kernel rules send an add of this size to onednn (cached per element count)."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import dynamic, fp16_gemm, onednn, portable, uint8, x86
+from fxquant.kernels import dynamic, fp16_gemm, native, onednn, portable, uint8, x86
 from fxquant.nn.quantized._base import QuantizedModuleBase, act_spec
 from fxquant.nn.quantized._lowering import dynamic_qparams, from_reference_args, reference_weight
 
@@ -287,10 +287,16 @@ class LinearDynamic(Linear):
         kernel = self._kernel_cache.get(("dynamic", rows))
         if kernel is None:
             facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
-                              onednn_ok=self._onednn_ok(), input_7bit=spec.quant_max <= 127)
+                              onednn_ok=self._onednn_ok(), input_7bit=spec.quant_max <= 127,
+                              native_ok=self._onednn_ok() and x.is_cpu)
             kernel = self._kernel_cache[("dynamic", rows)] = x86.choose("linear_dynamic", facts)
         lo, hi = torch.aminmax(x)
         scale, zp = dynamic.affine_qparams(float(lo), float(hi), spec.quant_min, spec.quant_max)
+        if kernel == "fbgemm":
+            plan = self._cached("fbgemm_dynamic", lambda: native.DynamicLinearPlan(
+                self.weight_int, self.weight_scale, self.bias, relu=self.post_op == "relu"))
+            y = plan(x, scale, zp)
+            return y if self.post_op in ("none", "relu") else portable.UNARY_POST_OPS[self.post_op](y)
         if kernel == "fp16_gemm" and _fp16_weight(self) is not None:
             return portable.UNARY_POST_OPS[self.post_op](self._fp16_dynamic(x, scale, zp))
         if kernel in ("float", "fp16_gemm"):
