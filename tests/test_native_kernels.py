@@ -336,3 +336,21 @@ def test_lowered_dynamic_linear_runs_fbgemm_within_the_reference_tolerance():
     again = copy.deepcopy(lowered)  # the packed weights are dropped and rebuilt
     with torch.no_grad():
         assert torch.equal(again(x), got)
+
+
+def test_command_line_reports_the_native_kernels(capsys, monkeypatch):
+    from fxquant import cli
+    saved = dict(native._state)
+    try:
+        status = cli.main(["native"])
+        out = capsys.readouterr().out
+        if native.available():
+            assert status == 0 and "available" in out and str(native.library_path()) in out
+        else:
+            assert status == 1 and native.status() in out
+        monkeypatch.setenv("FXQUANT_NATIVE", "0")
+        assert cli.main(["native"]) == 1
+        assert "FXQUANT_NATIVE=0" in capsys.readouterr().out
+    finally:
+        native._state.clear()
+        native._state.update(saved)

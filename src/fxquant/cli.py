@@ -4,6 +4,7 @@
     fxquant quantize --model pkg.mod:factory --calib pkg.mod:batches [--backend x86] [--qconfig default]
                      [--skip NAME_OR_REGEX ...] [--out model.fxq] [--report report.html]
     fxquant explain model.fxq [--only-float]                 what was quantized, and why the rest was not
+    fxquant native [--rebuild]                               build / check the native FBGEMM kernels
 
 Mistakes in what the user gave (a bad import path, data of the wrong shape, an untraceable model, an unreadable
 file) print one or two lines with the fix and exit with status 2; no traceback.
@@ -25,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands demo, quantize, explain)."""
+    """The argument parser (subcommands demo, quantize, explain, native)."""
     from .tools.presets import BACKENDS, PRESETS
 
     parser = _Parser(prog="fxquant", description="FX graph mode quantization for PyTorch on plain dtypes.")
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust", nargs="+", default=[], metavar="PKG.MOD:CLASS",
                    help="import these classes of yours and allow them in the file (fxquant.tools.serialize."
                         "register_safe)")
+    n = sub.add_parser("native", help="build (once per torch install) and check the native FBGEMM kernels")
+    n.add_argument("--rebuild", action="store_true", help="compile again even if a build is cached")
     return parser
 
 
@@ -119,7 +122,19 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (UserInputError, ModelFileError, UnsafeReferenceError)
 
 
-_COMMANDS = {"demo": _cmd_demo, "quantize": _cmd_quantize, "explain": _cmd_explain}
+def _cmd_native(args: argparse.Namespace) -> int:
+    from .kernels import native
+
+    state = native.build(force=args.rebuild)
+    if state == "available":
+        print(f"native kernels: available ({native.library_path()})")
+        return 0
+    print(f"native kernels: not used: {state}\n  (the onednn / aten kernels run instead: same results within one "
+          f"quantization step, slower at small batches)")
+    return 1
+
+
+_COMMANDS = {"demo": _cmd_demo, "quantize": _cmd_quantize, "explain": _cmd_explain, "native": _cmd_native}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["available", "status", "build", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate", "SOURCE"]
+__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 _ABI_VERSION = 5
@@ -163,6 +163,12 @@ def build(force: bool = False) -> str:
                 _library_path(compiler).unlink(missing_ok=True)
         _state.clear()
     return status()
+
+
+def library_path() -> pathlib.Path | None:
+    """Where the compiled library is (or would be) cached; None without a compiler."""
+    compiler = _compiler()
+    return None if compiler is None else _library_path(compiler)
 
 
 def _ints(values: Sequence[int]) -> ctypes.Array:

@@ -316,18 +316,28 @@ def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 
 
 def _fallback(mod: _QuantizedConvNd, x: torch.Tensor) -> Plan:
-    """An exact plan for input the native kernel refused (values that could saturate its int16 pair sums):
-    the folded float conv; for a folded activation with its table, the reference's order in float (conv,
-    round at the conv's own qparams, table)."""
+    """The plan for input the native kernel refused (values that could saturate its int16 pair sums): the kernel
+    the rules choose without it (as before the native kernel existed: onednn for most sizes, which trusts the
+    calibrated 7-bit range the same way). A folded activation with its table keeps the reference's order:
+    onednn's conv rounded at the conv's own qparams, or the float conv, then the table."""
+    kernel = x86.choose(mod._OP, mod._facts(x, compiling=False, native_ok=False))
     table = mod._activation_table()
-    if table is None:  # (onednn's int8 kernels saturate like FBGEMM's on such input: the float plan)
-        return _float_plan(mod, "float")
-    inv, offset = 1.0 / float(mod.pre_activation_scale), uint8.offset(int(mod.pre_activation_zero_point))
+    if table is None:
+        return _plan(mod, kernel)
+    pre = onednn.ActQParams(float(mod.pre_activation_scale), int(mod.pre_activation_zero_point))
+    inv, offset = 1.0 / pre.scale, uint8.offset(pre.zero_point)
     low, high = mod.pre_activation_range
+    clamp = None if (low, high) == (0, 255) else (low, high)
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
-        y = mod._float_conv(portable.dequantize(x, mod.input_scale, mod.input_zero_point))
-        return uint8.lookup(uint8.quantize(y, inv, offset, low, high, torch.uint8), table)
+        if kernel == "onednn":
+            packed, w_scale, w_zp = mod._packed()
+            q = onednn.conv(x, mod._act()[0], packed, w_scale, w_zp, mod.bias, mod._geometry(), pre, "none", None,
+                            clamp)
+        else:
+            y = mod._float_conv(portable.dequantize(x, mod.input_scale, mod.input_zero_point))
+            q = uint8.quantize(y, inv, offset, low, high, torch.uint8)
+        return uint8.lookup(q, table)
     return run
 
 
