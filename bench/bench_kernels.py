@@ -1,6 +1,6 @@
 """Micro-benchmarks of the x86 CPU int8 kernels against fp32 in the same run (one thread, medians).
 
-    .venv/bin/python bench/bench_kernels.py [--repeats 30] [--only linear,conv,dynamic,weight_only,embedding,gate]
+    .venv/bin/python bench/bench_kernels.py [--repeats 30] [--only linear,conv,dynamic,weight_only,embedding,gate,native]
 
 Prints one line per (op, shape): the fp32 time and each int8 candidate's time as a speedup (fp32 / candidate;
 > 1 means int8 is faster). Linear / conv / embedding go through the fxquant modules with each kernel forced;
@@ -23,7 +23,7 @@ from torch import nn
 
 import fxquant.nn.quantized as Q
 import fxquant.nn.quantized.reference as R
-from fxquant.kernels import fp16_gemm, uint8
+from fxquant.kernels import dynamic, fp16_gemm, native, uint8
 from fxquant.nn.quantized import conv as conv_mod
 from fxquant.nn.quantized import linear as linear_mod
 
@@ -199,8 +199,64 @@ def bench_gate(repeats: int) -> None:
             "three_pass": lambda: general(fmap, gate)}, repeats))
 
 
+def bench_native(repeats: int) -> None:
+    """The native FBGEMM kernels (fxquant.kernels.native) against the kernels the rules used before them: convs
+    at the sizes of small CNNs (the fbgemm plan forced, 7-bit input) vs onednn and the folded float plan; dynamic
+    linear vs onednn with aten's run-time quantization; the one-pass add and gate product vs aten."""
+    if not native.available():
+        print(f"native kernels unavailable: {native.status()}")
+        return
+    for n, cin, cout, hw, ks, groups in [(1, 16, 8, 1, 1, 1), (1, 576, 144, 1, 1, 1), (1, 96, 576, 7, 1, 1),
+                                         (1, 40, 120, 28, 1, 1), (1, 120, 120, 28, 5, 120), (1, 576, 576, 7, 5, 576),
+                                         (1, 256, 256, 14, 3, 1), (1, 24, 144, 56, 1, 1), (16, 576, 144, 1, 1, 1)]:
+        conv = nn.Conv2d(cin, cout, ks, padding=ks // 2, groups=groups)
+        ref = R.Conv2d.from_float(conv, {"qscheme": torch.per_channel_affine, "dtype": torch.int8,
+                                         "scale": torch.rand(cout) * 0.01 + 1e-3,
+                                         "zero_point": torch.zeros(cout, dtype=torch.long), "axis": 0})
+        x_cl = torch.randn(n, cin, hw, hw).contiguous(memory_format=torch.channels_last)
+        mod = Q.Conv2d.from_reference(ref, 0.02, 60, 0.05, 64, input_quant_max=127)
+        qx = torch.randint(0, 128, x_cl.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        plans = {name: conv_mod._PLANS[name](mod, name) for name in ("fbgemm", "onednn", "float")}
+        fns: dict[str, Callable[[], object]] = {"fp32": lambda: conv(x_cl)}
+        fns.update({name: functools.partial(plan, qx, None) for name, plan in plans.items()})
+        report_all("conv2d", f"N={n} C={cin}->{cout} HW={hw} k={ks} g={groups}", compare_us(fns, repeats))
+    for m, k, n in [(1, 768, 768), (16, 512, 512), (128, 768, 768), (128, 768, 3072), (1, 4096, 4096)]:
+        lin = nn.Linear(k, n)
+        qw, ws = _qweight(n, k)
+        mod = Q.LinearDynamic.from_reference(R.Linear.from_float(lin, {
+            "qscheme": torch.per_channel_affine, "dtype": torch.int8, "scale": ws,
+            "zero_point": torch.zeros(n, dtype=torch.long), "axis": 0}), quant_min=0, quant_max=127)
+        x = torch.randn(m, k)
+        plan = native.DynamicLinearPlan(mod.weight_int, mod.weight_scale, mod.bias, False)
+
+        def fbgemm(x: torch.Tensor = x, plan: Any = plan) -> torch.Tensor:
+            lo, hi = torch.aminmax(x)
+            scale, zp = dynamic.affine_qparams(float(lo), float(hi), 0, 127)
+            return plan(x, scale, zp)
+        packed = linear_mod.onednn.pack_linear(mod.weight_int)
+        wzp = torch.zeros(n, dtype=torch.long)
+        report_all("dyn_linear", f"M={m} K={k} N={n}", compare_us({
+            "fp32": lambda: lin(x), "fbgemm": fbgemm,
+            "onednn": lambda: _dynamic_onednn(x, packed, mod.weight_scale, wzp, lin.bias)}, repeats))
+    add = Q.QuantizedBinary("add", (0.05, 60), (0.04, 70), (0.07, 60))
+    gate = Q.QuantizedBinary("mul", (0.05, 3), (1 / 256, 0), (0.04, 2))
+    for n, c, hw in [(1, 24, 56), (1, 96, 14), (16, 96, 14)]:
+        a = torch.randint(0, 256, (n, c, hw, hw), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        b = torch.randint(0, 256, (n, c, hw, hw), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        g = torch.randint(0, 256, (n, c, 1, 1), dtype=torch.uint8)
+        add_consts, relu_min = add._scalars()
+        gate_consts, _ = gate._scalars()
+        fa, fb, fg = a.float(), b.float(), g.float()
+        report_all("add", f"N={n} C={c} HW={hw}", compare_us({
+            "fp32": lambda: fa + fb, "native": lambda: add(a, b),
+            "aten": lambda: uint8.binary("add", a, b, add_consts, relu_min, 0, 255, torch.uint8)}, repeats))
+        report_all("gate_mul", f"N={n} C={c} HW={hw}", compare_us({
+            "fp32": lambda: fa * fg, "native": lambda: gate(a, g),
+            "aten": lambda: uint8.binary("mul", a, g, gate_consts, 0, 0, 255, torch.uint8)}, repeats))
+
+
 BENCHES = {"linear": bench_linear, "dynamic": bench_dynamic, "weight_only": bench_weight_only, "conv": bench_conv,
-           "embedding": bench_embedding, "gate": bench_gate}
+           "embedding": bench_embedding, "gate": bench_gate, "native": bench_native}
 
 
 def main() -> None:

@@ -35,6 +35,11 @@ small convs / linears      onednn's int8 ops build their primitive descriptor on
                            the float conv one op, onednn's binary variant 90-120 us.
                            Linear: float below 2^20 MACs; dynamic linear: onednn only from 2^25 MACs (its quantize
                            costs three more ops), e.g. BERT-base shapes at 128 tokens
+native FBGEMM (2026-11)     fxquant.kernels.native, bench_kernels.py --only native: conv at batch 1, 1x1 on a 1x1
+                           image 1.6-2.1x fp32 (onednn 0.5-0.7x, float 0.6x); 96->576 1x1 at 7x7 2.1x (onednn
+                           1.1x); 3x3 256 at 14x14 2.7x (2.3x); 24->144 1x1 at 56x56 0.89x (1.02x) -> outputs up to
+                           2^17 elements. Dynamic linear 1.6x (M=1, K=N=768; onednn 0.41x) to 2.7x (M=1, K=N=4096;
+                           0.60x), 1.9x at M=128 (1.4x) -> every size. Add / gate product: one pass, ~2x aten's
 =========================  =========================================================================================
 
 (1 thread, medians of interleaved rounds; the machine was shared, so ratios moved by up to 2x between runs.)
