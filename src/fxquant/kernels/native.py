@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -175,7 +175,24 @@ def _ints(values: Sequence[int]) -> ctypes.Array:
     return (ctypes.c_int * len(values))(*values)
 
 
-class ConvPlan:
+class _Handle:
+    """Owns one object of the native library (FBGEMM's packed weight): freed with the Python object, never pickled
+    or copied (the lowered modules rebuild it from their int8 weight)."""
+
+    _handle: int | None = None
+    _free: Callable[[int], None]
+
+    def __del__(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle:
+            self._free(handle)
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError(f"a native {type(self).__name__} holds FBGEMM's packed weight: rebuild it, never pickle or "
+                        f"copy it")
+
+
+class ConvPlan(_Handle):
     """An int8 convolution (1/2/3-d) with its weight packed once by FBGEMM.
 
     ``weight``: int8 ``(out, in / groups, *kernel)`` with symmetric (zero-point 0) scales ``w_scale`` (one, or
@@ -261,16 +278,8 @@ class ConvPlan:
             raise RuntimeError(f"FBGEMM convolution failed (status {rc}) on input shape {tuple(shape)}")
         return rc == 0
 
-    def __del__(self) -> None:
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle:
-            self._free(handle)
 
-    def __reduce__(self) -> None:  # type: ignore[override]
-        raise TypeError("a native ConvPlan holds FBGEMM's packed weight: rebuild it, never pickle or copy it")
-
-
-class DynamicLinearPlan:
+class DynamicLinearPlan(_Handle):
     """FBGEMM's dynamic linear (torch.ao's kernel for dynamic quantization on x86) with the weight packed once.
 
     ``weight``: int8 ``(out, in)``, symmetric scales ``w_scale`` (one, or one per output feature). ``__call__(x,
@@ -303,14 +312,6 @@ class DynamicLinearPlan:
             if rc != 0:
                 raise RuntimeError(f"FBGEMM dynamic linear failed (status {rc}) on input shape {tuple(x.shape)}")
         return y
-
-    def __del__(self) -> None:
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle:
-            self._free(handle)
-
-    def __reduce__(self) -> None:  # type: ignore[override]
-        raise TypeError("a native DynamicLinearPlan holds FBGEMM's packed weight: rebuild it, never pickle or copy it")
 
 
 def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, c: float, low: int, high: int) -> torch.Tensor:
