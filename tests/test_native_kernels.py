@@ -294,6 +294,10 @@ def test_a_failed_build_reports_the_compiler_message(monkeypatch, tmp_path):
         reason = native.build()
         assert not native.available()
         assert "failed" in reason or "compiler" in reason or "x86-64" in reason, reason
+        if "failed" in reason:  # the failure is cached: the next process does not compile again
+            assert native.library_path().with_suffix(".failed").exists()
+            assert "cached" in native.build()
+            assert "cached" not in native.build(force=True)  # --rebuild compiles again
     finally:
         native._state.clear()
         native._state.update(saved)

@@ -32,6 +32,8 @@ __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicL
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 _ABI_VERSION = 5
+# C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
+_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None, "why": the reason it is None
 
@@ -59,7 +61,7 @@ def _torch_paths() -> tuple[pathlib.Path, pathlib.Path]:
 def _library_path(compiler: str) -> pathlib.Path:
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(f"{torch.__version__}|{torch.__file__}|{compiler}|{sys.platform}".encode())
+    key.update(f"{torch.__version__}|{torch.__file__}|{compiler}|{sys.platform}|{_FLAGS}".encode())
     return _cache_dir() / f"fxquant_native_{key.hexdigest()[:16]}.so"
 
 
@@ -71,9 +73,8 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(SOURCE), "-o", tmp, f"-L{lib}", "-ltorch_cpu",
-           "-lc10", f"-Wl,-rpath,{lib}"]
+    cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(SOURCE), "-o", tmp,
+           f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
@@ -119,10 +120,20 @@ def _load() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     path = _library_path(compiler)
+    failed = path.with_suffix(".failed")  # a failed build is not retried by every process (fxquant native --rebuild)
+    if failed.exists():
+        raise RuntimeError(failed.read_text().strip() + f" (cached in {failed}; fxquant native --rebuild retries)")
     if not path.exists():
         print(f"fxquant: compiling the native kernels for this torch (once, a few seconds) into {path.parent}",
               file=sys.stderr)
-        _compile(compiler, path)
+        try:
+            _compile(compiler, path)
+        except RuntimeError as exc:
+            try:
+                failed.write_text(str(exc))
+            except OSError:
+                pass
+            raise
     lib = ctypes.CDLL(str(path))
     _bind(lib)
     if lib.fxq_abi_version() != _ABI_VERSION:
@@ -161,6 +172,7 @@ def build(force: bool = False) -> str:
             compiler = _compiler()
             if compiler is not None:
                 _library_path(compiler).unlink(missing_ok=True)
+                _library_path(compiler).with_suffix(".failed").unlink(missing_ok=True)
         _state.clear()
     return status()
 
