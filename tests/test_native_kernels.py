@@ -358,3 +358,47 @@ def test_command_line_reports_the_native_kernels(capsys, monkeypatch):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+class _PooledGate(nn.Module):
+    """A squeeze-excite block as torchvision writes it: a global average pool, two 1x1 convs, the gate product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.out = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.out(y * torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(y))))))
+
+
+def test_global_average_pool_lowers_to_one_requantize_of_the_integer_image(monkeypatch):
+    reference, lowered = _lowered(_PooledGate(), (2, 3, 12, 12))
+    assert not [n for n in lowered.graph.nodes if n.target is torch.mean]
+    (pooled,) = [m for m in lowered.modules() if isinstance(m, Q.Requantize)]
+    assert pooled.global_mean
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    step = float([m.scale for m in lowered.modules() if isinstance(m, Q.DeQuantize)][-1])
+    with torch.no_grad():
+        got, expected = lowered(x), reference(x)
+        assert (got - expected).abs().max().item() <= step * 1.001
+        # the module alone: native pass and aten's mean + requantize agree
+        image = torch.randint(0, 256, (2, 16, 7, 9), dtype=torch.uint8)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            q = image.contiguous(memory_format=layout)
+            fresh = copy.deepcopy(pooled)
+            monkeypatch.setattr(native, "available", lambda: False)
+            slow = fresh(q)
+            monkeypatch.undo()
+            fast = copy.deepcopy(pooled)(q)
+            assert fast.shape == slow.shape == (2, 16, 1, 1)
+            assert (fast.int() - slow.int()).abs().max().item() <= 1
+    # persistence: the flag is extra state; torch.export traces the aten form
+    bare = Q.Requantize(1.0, 0, 1.0, 0)
+    bare.load_state_dict(pooled.state_dict())
+    assert bare.global_mean
+    exported = torch.export.export(lowered, (x,))
+    with torch.no_grad():
+        assert (exported.module()(x) - got).abs().max().item() <= step * 1.001

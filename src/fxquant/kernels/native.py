@@ -28,10 +28,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate", "SOURCE"]
+__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate",
+           "mean_requantize", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -106,6 +107,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_linear_free.argtypes = [p]
     lib.fxq_add_u8.restype = None
     lib.fxq_add_u8.argtypes = [p, p, p, i64, f, f, f, f, f, i]
+    lib.fxq_mean_u8.restype = None
+    lib.fxq_mean_u8.argtypes = [p, p, i64, i64, i64, i, f, f, f, f]
     lib.fxq_mul_gate_u8.restype = None
     lib.fxq_mul_gate_u8.argtypes = [p, p, p, i64, i64, i64, i, f, f, f, f, f, f, i]
 
@@ -351,4 +354,17 @@ def mul_gate(big: torch.Tensor, small: torch.Tensor, k: float, z_big: int, z_sma
     lib.fxq_mul_gate_u8(big.data_ptr(), gate.data_ptr(), out.data_ptr(), big.shape[0], big.shape[1], positions,
                         int(channels_last), k, float(z_big), float(z_small), c, float(low), float(high),
                         torch.get_num_threads())
+    return out
+
+
+def mean_requantize(x: torch.Tensor, a: float, b: float, low: int, high: int) -> torch.Tensor:
+    """A global average pool of a uint8 image ``x`` (N, C, H, W), contiguous or channels-last, requantized:
+    ``round(clamp(b + mean * a, low, high))`` of shape (N, C, 1, 1) in one pass (aten: a float mean, then three
+    ops)."""
+    lib = _library()
+    assert lib is not None
+    n, c = int(x.shape[0]), int(x.shape[1])
+    out = torch.empty((n, c, 1, 1), dtype=torch.uint8)
+    lib.fxq_mean_u8(x.data_ptr(), out.data_ptr(), n, c, math.prod(x.shape[2:]), int(not x.is_contiguous()), a, b,
+                    float(low), float(high))
     return out

@@ -5,7 +5,8 @@ dequantized integer tensors; they are tried after the weighted rules::
     quantize(f_n(...f_1(dequantize(q))))      -> LookupTable(q)   (UNARY_OPS; a clamp, or nothing, when it is one;
                                                                  other arguments: Python scalars or 0-d constants)
     quantize(cat([dequantize(q_i)], d))       -> cat([q_i requantized], d)
-    quantize(avg_pool(dequantize(q)))         -> Requantize(avg_pool(q.float()))   (AFFINE_OPS)
+    quantize(avg_pool(dequantize(q)))         -> Requantize(avg_pool(q.float()))   (AFFINE_OPS; a global average
+                                                 pool: Requantize(q, global_mean=True))
     quantize(relu?(add|mul(dequantize(a), dequantize(b)))) -> QuantizedBinary(a, b)
 
 Lookup tables are computed with the reference operators themselves (dequantize every possible integer, run the
@@ -180,8 +181,6 @@ def _global_average(op: fx.Node, low: Lowering) -> bool:
 
 def _float_op(low: Lowering, q: fx.Node, op: fx.Node, x: fx.Node) -> fx.Node:
     """``op`` on the float values of integer ``x``, folding the cast into the op where one takes a dtype."""
-    if _global_average(op, low):
-        return low.call(q, "call_function", torch.mean, (x, (-2, -1)), {"keepdim": True, "dtype": torch.float32})
     if kind_of(op, low.modules) in ("mean", torch.mean) and "dtype" not in op.kwargs and len(op.args) <= 3:
         return low.call(q, op.op, op.target, (x,) + tuple(op.args[1:]), {**op.kwargs, "dtype": torch.float32})
     xf = low.call(q, "call_method", "to", (x, torch.float32))
@@ -192,6 +191,10 @@ def _affine_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     q, op, dq = m["out"], m["op"], m["dq_x"]
     xq, out = low.qparams(dq), low.qparams(q)
     in_zp = xq.zero_point
+    if _global_average(op, low):  # the module averages the integer image itself (one native pass where it can)
+        mod = Q.Requantize(xq.scale, in_zp, out.scale, out.zero_point, out.dtype, out.quant_min, out.quant_max,
+                           global_mean=True)
+        return low.call_module(q, f"{op.name}_requant", mod, (dq.args[0],))
     if pads_zero_points(op, low.module(op)):  # padded zeros must be real zeros: pool q - zp (one op, to float)
         shifted = low.call(q, "call_function", torch.add, (dq.args[0], float(-in_zp)))
         y, in_zp = low.call(q, op.op, op.target, (shifted,) + tuple(op.args[1:]), dict(op.kwargs)), 0

@@ -246,7 +246,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 5; }
+int fxq_abi_version() { return 6; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
@@ -396,6 +396,37 @@ __attribute__((target_clones("avx2", "default"))) void fxq_mul_gate_u8(const std
           o[p] = round_byte(clamp(static_cast<float>(row[p]) * fc + sc, low, high));
         }
       }
+    }
+  }
+}
+
+// A global average pool requantized: out[n, c] = round(clamp(b + (sum over positions / positions) * a, low, high))
+// for x laid out as (batch, channels, positions) (channels_last = 0) or (batch, positions, channels)
+__attribute__((target_clones("avx2", "default"))) void fxq_mean_u8(const std::uint8_t* x, std::uint8_t* out,
+                                                                    std::int64_t batch, std::int64_t channels,
+                                                                    std::int64_t positions, int channels_last,
+                                                                    float a, float b, float low, float high) {
+  std::vector<std::int32_t> sums(channels);
+  const float count = static_cast<float>(positions);
+  for (std::int64_t n = 0; n < batch; ++n) {
+    const std::uint8_t* src = x + n * channels * positions;
+    std::fill(sums.begin(), sums.end(), 0);
+    if (channels_last) {
+      for (std::int64_t p = 0; p < positions; ++p) {
+        const std::uint8_t* row = src + p * channels;
+        for (std::int64_t c = 0; c < channels; ++c) sums[c] += row[c];
+      }
+    } else {
+      for (std::int64_t c = 0; c < channels; ++c) {
+        const std::uint8_t* row = src + c * positions;
+        std::int32_t acc = 0;
+        for (std::int64_t p = 0; p < positions; ++p) acc += row[p];
+        sums[c] = acc;
+      }
+    }
+    for (std::int64_t c = 0; c < channels; ++c) {
+      const float mean = static_cast<float>(sums[c]) / count;
+      out[n * channels + c] = round_byte(clamp(b + mean * a, low, high));
     }
   }
 }

@@ -179,10 +179,15 @@ class Requantize(_ScalarModule):
     """
 
     def __init__(self, in_scale: Any, in_zero_point: Any, out_scale: Any, out_zero_point: Any,
-                 dtype: torch.dtype = torch.uint8, quant_min: int = 0, quant_max: int = 255) -> None:
+                 dtype: torch.dtype = torch.uint8, quant_min: int = 0, quant_max: int = 255,
+                 global_mean: bool = False) -> None:
+        """``global_mean``: the module takes the integer image itself and averages it over its spatial dims first
+        (a global average pool: ``torch.mean(q, (-2, -1), keepdim=True, dtype=torch.float32)``, or one native
+        pass where :mod:`fxquant.kernels.native` runs)."""
         super().__init__()
         _check_range(dtype, quant_min, quant_max, "Requantize")
         self.dtype, self.quant_min, self.quant_max = dtype, quant_min, quant_max
+        self.global_mean = global_mean
         self._qparam("in_", in_scale, in_zero_point)
         self._qparam("out_", out_scale, out_zero_point)
 
@@ -193,6 +198,11 @@ class Requantize(_ScalarModule):
         return a, None if same else k.offset(b), same or k.folds_exactly(a * 256.0, b)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "global_mean", False):
+            fast = None if torch.compiler.is_compiling() else self._native_mean(y)
+            if fast is not None:
+                return fast
+            y = torch.mean(y, (-2, -1), keepdim=True, dtype=torch.float32)
         if torch.compiler.is_compiling():
             a = self.in_scale / self.out_scale
             out = torch.round(y * a + (self.out_zero_point - self.in_zero_point * a))
@@ -206,9 +216,30 @@ class Requantize(_ScalarModule):
                               self.quant_max, self.dtype)
         return k.round_to(y, a, bias, self.quant_min, self.quant_max, self.dtype)
 
+    def _native_mean(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The global mean and the requantization in one native pass, where it applies (else None)."""
+        if not (q.dtype == self.dtype == torch.uint8 and q.is_cpu and q.dim() == 4 and _dense(q)):
+            return None
+        consts = self._kernel_cache.get("native_mean")
+        if consts is None:
+            a, bias, folds = self._scalars()
+            ok = folds and x86.choose("add", x86.Facts(device="cpu", native_ok=True)) == "native"
+            consts = self._kernel_cache["native_mean"] = (a, 0.0 if bias is None else float(bias)) if ok else ()
+        if not consts:
+            return None
+        return native.mean_requantize(q, consts[0], consts[1], self.quant_min, self.quant_max)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "global_mean": bool(getattr(self, "global_mean", False))}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.global_mean = bool(state.get("global_mean", False))
+
     def extra_repr(self) -> str:
-        return (f"in=({float(self.in_scale):.6g}, {int(self.in_zero_point)}), out=({float(self.out_scale):.6g}, "
-                f"{int(self.out_zero_point)}), {self._range_repr()}")
+        mean = "global_mean, " if getattr(self, "global_mean", False) else ""
+        return (f"{mean}in=({float(self.in_scale):.6g}, {int(self.in_zero_point)}), "
+                f"out=({float(self.out_scale):.6g}, {int(self.out_zero_point)}), {self._range_repr()}")
 
 
 def _dense(t: torch.Tensor) -> bool:
