@@ -402,3 +402,15 @@ def test_global_average_pool_lowers_to_one_requantize_of_the_integer_image(monke
     exported = torch.export.export(lowered, (x,))
     with torch.no_grad():
         assert (exported.module()(x) - got).abs().max().item() <= step * 1.001
+
+
+def test_a_convolution_fbgemm_cannot_pack_takes_the_fallback_on_every_call(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("FBGEMM could not pack this convolution")
+    monkeypatch.setattr(native, "ConvPlan", refuse)
+    reference, lowered = _lowered(_HardswishNet(), (1, 3, 16, 16))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    step = float([m.scale for m in lowered.modules() if isinstance(m, Q.DeQuantize)][-1])
+    with torch.no_grad():
+        # the folded hardswish keeps the reference's order in the fallback too (onednn or float conv, then table)
+        assert (lowered(x) - reference(x)).abs().max().item() <= step * 1e-3

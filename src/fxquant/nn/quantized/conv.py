@@ -282,8 +282,8 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     """FBGEMM's convolution through the native library (:mod:`fxquant.kernels.native`): one ctypes call with the
     weight packed once, relu, the output range and a folded activation's table fused. Input that could saturate
-    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`;
-    where FBGEMM cannot pack the geometry, the kernel the rules choose without it."""
+    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`,
+    as does every call where FBGEMM cannot pack the geometry."""
     spec, table = mod.output_spec, mod._activation_table()
     out_qparams = (float(mod.output_scale), int(mod.output_zero_point))
     low, high = spec.quant_min, spec.quant_max
@@ -291,22 +291,16 @@ def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
         out_qparams = (float(mod.pre_activation_scale), int(mod.pre_activation_zero_point))
         low, high = mod.pre_activation_range
     try:
-        conv = native.ConvPlan(mod.weight_int, mod.weight_scale, mod.bias, mod.stride, mod.padding, mod.dilation,
-                               mod.groups, (float(mod.input_scale), int(mod.input_zero_point)), out_qparams,
-                               mod.post_op == "relu", low, high, check_7bit=not x86.cpu_has_vnni(), table=table)
-    except RuntimeError:  # FBGEMM cannot pack it: the rules' choice without the native kernel, per batch size
-        chosen: dict[int, Plan] = {}
-
-        def without(x: torch.Tensor, other: Any) -> torch.Tensor:
-            if x.shape[0] not in chosen:
-                facts = mod._facts(x, compiling=False, native_ok=False)
-                chosen[x.shape[0]] = _plan(mod, x86.choose(mod._OP, facts))
-            return chosen[x.shape[0]](x, other)
-        return without
+        conv: native.ConvPlan | None = native.ConvPlan(
+            mod.weight_int, mod.weight_scale, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
+            (float(mod.input_scale), int(mod.input_zero_point)), out_qparams, mod.post_op == "relu", low, high,
+            check_7bit=not x86.cpu_has_vnni(), table=table)
+    except RuntimeError:  # FBGEMM cannot pack this geometry: every call takes the fallback
+        conv = None
     fallback: dict[int, Plan] = {}
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
-        y = conv(x)
+        y = None if conv is None else conv(x)
         if y is not None:
             return y
         if x.shape[0] not in fallback:
