@@ -414,3 +414,19 @@ def test_a_convolution_fbgemm_cannot_pack_takes_the_fallback_on_every_call(monke
     with torch.no_grad():
         # the folded hardswish keeps the reference's order in the fallback too (onednn or float conv, then table)
         assert (lowered(x) - reference(x)).abs().max().item() <= step * 1e-3
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,lo,hi", [(torch.uint8, 0, 255), (torch.uint8, 0, 127), (torch.int8, -128, 127)])
+@pytest.mark.parametrize("layout", (torch.contiguous_format, torch.channels_last))
+def test_quantize_module_native_pass_matches_the_aten_kernel(dtype, lo, hi, layout, monkeypatch):
+    x = (torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(6)) * 4).contiguous(memory_format=layout)
+    x[0, 0, 0, :3] = torch.tensor([float("inf"), float("-inf"), 1e30])
+    mod = Q.Quantize(0.03, 7 if dtype == torch.uint8 else -3, dtype, lo, hi)
+    fast = copy.deepcopy(mod)(x)
+    monkeypatch.setattr(native, "available", lambda: False)
+    slow = copy.deepcopy(mod)(x)
+    assert fast.dtype == slow.dtype == dtype and fast.is_contiguous(memory_format=layout)
+    assert (fast.int() - slow.int()).abs().max().item() <= 1
+    assert (fast != slow).float().mean().item() < 0.001  # (ties only: float32 rounding of zp + x / scale)
+    assert fast[0, 0, 0, :3].tolist() == [hi, lo, hi]

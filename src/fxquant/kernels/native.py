@@ -29,10 +29,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate",
-           "mean_requantize", "SOURCE"]
+           "mean_requantize", "quantize", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -107,6 +107,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_linear_free.argtypes = [p]
     lib.fxq_add_u8.restype = None
     lib.fxq_add_u8.argtypes = [p, p, p, i64, f, f, f, f, f, i]
+    lib.fxq_quantize_f32.restype = None
+    lib.fxq_quantize_f32.argtypes = [p, p, i64, f, f, f, f]
     lib.fxq_mean_u8.restype = None
     lib.fxq_mean_u8.argtypes = [p, p, i64, i64, i64, i, f, f, f, f]
     lib.fxq_mul_gate_u8.restype = None
@@ -368,3 +370,16 @@ def mean_requantize(x: torch.Tensor, a: float, b: float, low: int, high: int) ->
     lib.fxq_mean_u8(x.data_ptr(), out.data_ptr(), n, c, math.prod(x.shape[2:]), int(not x.is_contiguous()), a, b,
                     float(low), float(high))
     return out
+
+
+def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, low: int, high: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """``round(clamp(zero_point + x * inv_scale, low, high))`` as uint8 / int8 for dense float32 ``x`` (contiguous or
+    channels-last; the result keeps the layout): one pass where aten needs five."""
+    lib = _library()
+    assert lib is not None
+    out = torch.empty_like(x, dtype=dtype)
+    lib.fxq_quantize_f32(x.data_ptr(), out.data_ptr(), x.numel(), inv_scale, float(zero_point), float(low),
+                         float(high))
+    return out
+

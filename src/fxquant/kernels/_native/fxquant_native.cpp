@@ -246,7 +246,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 6; }
+int fxq_abi_version() { return 7; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
@@ -398,6 +398,14 @@ __attribute__((target_clones("avx2", "default"))) void fxq_mul_gate_u8(const std
       }
     }
   }
+}
+
+// out[i] = round(clamp(zero_point + x[i] * inv_scale, low, high)) as uint8 or int8 (the low byte of the rounded
+// value, two's complement), over n float elements
+__attribute__((target_clones("avx2", "default"))) void fxq_quantize_f32(const float* x, std::uint8_t* out,
+                                                                         std::int64_t n, float inv_scale,
+                                                                         float zero_point, float low, float high) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = round_byte(clamp(zero_point + x[i] * inv_scale, low, high));
 }
 
 // A global average pool requantized: out[n, c] = round(clamp(b + (sum over positions / positions) * a, low, high))

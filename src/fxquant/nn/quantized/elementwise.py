@@ -98,15 +98,18 @@ class Quantize(_ScalarModule):
         self.dtype, self.quant_min, self.quant_max, self.channels_last = dtype, quant_min, quant_max, channels_last
         self._qparam("", scale, zero_point)
 
-    def _build_scalars(self) -> tuple[float, torch.Tensor]:
-        return 1.0 / float(self.scale), k.offset(int(self.zero_point))
+    def _build_scalars(self) -> tuple[float, torch.Tensor, int]:
+        return 1.0 / float(self.scale), k.offset(int(self.zero_point)), int(self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             y = torch.round(x * torch.reciprocal(self.scale) + self.zero_point)
             return y.clamp(self.quant_min, self.quant_max).to(self.dtype)
-        inv, bias = self._scalars()
-        q = k.quantize(x, inv, bias, self.quant_min, self.quant_max, self.dtype)
+        inv, bias, zp = self._scalars()
+        if x.dtype == torch.float32 and x.is_cpu and _dense(x) and _native_elementwise(self):
+            q = native.quantize(x, inv, zp, self.quant_min, self.quant_max, self.dtype)
+        else:
+            q = k.quantize(x, inv, bias, self.quant_min, self.quant_max, self.dtype)
         return q.contiguous(memory_format=torch.channels_last) if self.channels_last and q.dim() == 4 else q
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -240,6 +243,15 @@ class Requantize(_ScalarModule):
         mean = "global_mean, " if getattr(self, "global_mean", False) else ""
         return (f"{mean}in=({float(self.in_scale):.6g}, {int(self.in_zero_point)}), "
                 f"out=({float(self.out_scale):.6g}, {int(self.out_zero_point)}), {self._range_repr()}")
+
+
+def _native_elementwise(mod: nn.Module) -> bool:
+    """Whether the kernel rules send this module's element-wise work to the native library (cached)."""
+    choice = mod._kernel_cache.get("native_elementwise")
+    if choice is None:
+        choice = mod._kernel_cache["native_elementwise"] = \
+            x86.choose("add", x86.Facts(device="cpu", native_ok=True)) == "native"
+    return choice  # type: ignore[no-any-return]
 
 
 def _dense(t: torch.Tensor) -> bool:
