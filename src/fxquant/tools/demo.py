@@ -211,8 +211,11 @@ def format_result(r: DemoResult) -> str:
     lines.append("")
     lines.append(f"train {r.train_seconds:.1f} s ({r.n_train} digits) | prepare_fx {r.prepare_seconds * 1e3:.0f} ms | "
                  f"calibrate {r.calibrate_seconds * 1e3:.0f} ms | convert_fx {r.convert_seconds * 1e3:.0f} ms")
+    from fxquant.kernels import native
+    state = native.status()
     lines.append(f"{r.lowered_layers} of {r.quantized_layers} quantized layers run on int8 kernels; torch threads: "
-                 f"{torch.get_num_threads()}")
+                 f"{torch.get_num_threads()}; native FBGEMM kernels: "
+                 f"{state if state == 'available' else 'not used (' + state + '; fxquant native)'}")
     if r.lowered_layers < r.quantized_layers:
         lines.append("(the others run as quantize -> dequantize -> float op: accurate, smaller, not faster)")
     return "\n".join(lines)
