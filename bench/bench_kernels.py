@@ -1,6 +1,7 @@
 """Micro-benchmarks of the x86 CPU int8 kernels against fp32 in the same run (one thread, medians).
 
-    .venv/bin/python bench/bench_kernels.py [--repeats 30] [--only linear,conv,dynamic,weight_only,embedding,gate,native]
+    .venv/bin/python bench/bench_kernels.py [--repeats 30]
+        [--only linear,conv,dynamic,weight_only,embedding,gate,native]
 
 Prints one line per (op, shape): the fp32 time and each int8 candidate's time as a speedup (fp32 / candidate;
 > 1 means int8 is faster). Linear / conv / embedding go through the fxquant modules with each kernel forced;
@@ -202,7 +203,8 @@ def bench_gate(repeats: int) -> None:
 def bench_native(repeats: int) -> None:
     """The native FBGEMM kernels (fxquant.kernels.native) against the kernels the rules used before them: convs
     at the sizes of small CNNs (the fbgemm plan forced, 7-bit input) vs onednn and the folded float plan; dynamic
-    linear vs onednn with aten's run-time quantization; the one-pass add and gate product vs aten."""
+    linear vs onednn with aten's run-time quantization; the one-pass Quantize (float -> uint8; "fp32" here is a
+    copy of the input), add and gate product vs aten."""
     if not native.available():
         print(f"native kernels unavailable: {native.status()}")
         return
@@ -238,6 +240,13 @@ def bench_native(repeats: int) -> None:
         report_all("dyn_linear", f"M={m} K={k} N={n}", compare_us({
             "fp32": lambda: lin(x), "fbgemm": fbgemm,
             "onednn": lambda: _dynamic_onednn(x, packed, mod.weight_scale, wzp, lin.bias)}, repeats))
+    quant = Q.Quantize(0.05, 60)
+    for shape in [(1, 64), (1, 3, 32, 32), (1, 3, 224, 224)]:
+        x = torch.randn(*shape)
+        inv, bias, _ = quant._scalars()
+        report_all("quantize", f"{tuple(shape)}", compare_us({
+            "fp32": lambda: x.clone(), "native": lambda: quant(x),
+            "aten": lambda: uint8.quantize(x, inv, bias, 0, 255, torch.uint8)}, repeats))
     add = Q.QuantizedBinary("add", (0.05, 60), (0.04, 70), (0.07, 60))
     gate = Q.QuantizedBinary("mul", (0.05, 3), (1 / 256, 0), (0.04, 2))
     for n, c, hw in [(1, 24, 56), (1, 96, 14), (16, 96, 14)]:

@@ -2,10 +2,12 @@
 
 torch's x86 CPU library links FBGEMM (the engine behind torch.ao's x86 / fbgemm backends) and exports its C++
 API. ``_native/fxquant_native.cpp`` calls it on plain buffers -- uint8 channels-last activations, int8 weights,
-float scales; no quantized tensor type is involved -- and adds one-pass kernels for a quantized add and a
-squeeze-excite product, which aten needs four or more passes for. The file is compiled on first use against the
-installed torch (``c++``, a few seconds) into a per-user cache and loaded with ctypes; each call costs ~1 us of
-ctypes overhead where onednn's int8 ops spend 40-80 us building their primitive.
+float scales; no quantized tensor type is involved -- and adds one-pass kernels for quantize, a quantized add, a
+squeeze-excite product and a global average pool, which aten needs several passes for. The file is compiled on
+first use against the installed torch (``c++``, a few seconds) into a per-user cache and loaded with ctypes; a
+call's fixed cost is the ctypes call and the output's allocation, where onednn's int8 ops build their primitive on
+every call (``bench/bench_kernels.py --only native``: a 16 -> 8 1x1 conv on a 1x1 image 1.64x fp32's speed
+against onednn's 0.52x).
 
 Without a compiler, on a CPU FBGEMM does not support, with ``FXQUANT_NATIVE=0``, or when the build fails,
 :func:`available` is False (:func:`status` says why) and the kernel rules use onednn / aten instead: same results
@@ -215,8 +217,10 @@ class ConvPlan(_Handle):
     ``weight``: int8 ``(out, in / groups, *kernel)`` with symmetric (zero-point 0) scales ``w_scale`` (one, or
     one per output channel). ``__call__`` takes a uint8 batch and returns the uint8 channels-last result
     ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``, or None when ``check_7bit`` is set
-    and the input holds a value above 127: without VNNI FBGEMM multiplies with ``vpmaddubsw``, whose pair sums
-    saturate in int16 beyond 7-bit input (the caller then runs an exact kernel). ``table`` (256 uint8 values):
+    and the input holds a value above ``input_limit``: without VNNI FBGEMM multiplies with ``vpmaddubsw``, which
+    sums two uint8 x int8 products of one output channel in int16 (saturating); ``input_limit`` = 32767 / (the
+    largest sum of two same-signed weights of one output channel), at least 127 (the caller then runs another
+    kernel). ``table`` (256 uint8 values):
     applied to each clamped result -- an activation after the conv with its own output qparams, exactly as a
     separate table lookup would.
     """
@@ -228,7 +232,6 @@ class ConvPlan(_Handle):
         lib = _library()
         if lib is None:
             raise RuntimeError(f"native kernels unavailable: {status()}")
-        self._lib = lib
         dims = weight.dim() - 2
         self.out_channels, self.dims = int(weight.shape[0]), dims
         self.kernel, self.stride = list(weight.shape[2:]), list(stride)
@@ -309,7 +312,6 @@ class DynamicLinearPlan(_Handle):
         lib = _library()
         if lib is None:
             raise RuntimeError(f"native kernels unavailable: {status()}")
-        self._lib = lib
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         w = weight.contiguous()
         scales = w_scale.detach().float().reshape(-1).contiguous()

@@ -108,7 +108,7 @@ class Facts:
     table_bytes: int = 0  # embedding: size of the table in float32
     binary: bool = False  # the post-op adds a second quantized operand
     float16_weight: bool = False  # weight-only linear with float16 weights
-    native_ok: bool = False  # the module fits the native FBGEMM kernel (conv: uint8 out, post-op none / relu)
+    native_ok: bool = False  # the module fits the native kernel (conv: see Conv2d._native_ok)
     outputs: int = 0  # elements of one call's output (0: not known)
 
 

@@ -171,7 +171,7 @@ def _affine_match(node: fx.Node, low: Lowering) -> Optional[dict[str, fx.Node]]:
 
 
 def _global_average(op: fx.Node, low: Lowering) -> bool:
-    """An adaptive average pool to one pixel (a mean over the spatial dims: one op with the float cast)."""
+    """An adaptive average pool to one pixel: a mean over the spatial dims, done by the Requantize after it."""
     mod = low.module(op)
     size = getattr(mod, "output_size", None) if mod is not None else node_arg(op, 1, "output_size")
     if ((size,) if isinstance(size, int) else tuple(size or ())) not in ((1,), (1, 1)):

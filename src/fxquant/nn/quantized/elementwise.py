@@ -226,7 +226,7 @@ class Requantize(_ScalarModule):
         consts = self._kernel_cache.get("native_mean")
         if consts is None:
             a, bias, folds = self._scalars()
-            ok = folds and x86.choose("add", x86.Facts(device="cpu", native_ok=True)) == "native"
+            ok = folds and _native_elementwise(self)
             consts = self._kernel_cache["native_mean"] = (a, 0.0 if bias is None else float(bias)) if ok else ()
         if not consts:
             return None
@@ -320,7 +320,7 @@ class QuantizedBinary(_ScalarModule):
             a, b, swapped = b, a, True
         consts = self._kernel_cache.get("native")
         if consts is None:
-            consts = self._kernel_cache["native"] = self._native_consts(a, relu_min)
+            consts = self._kernel_cache["native"] = self._native_consts(relu_min) if _native_elementwise(self) else ()
         if not consts:
             return None
         if self.op == "add":
@@ -331,10 +331,8 @@ class QuantizedBinary(_ScalarModule):
             za, zb = zb, za
         return native.mul_gate(a, b, k, za, zb, c, lo, hi)
 
-    def _native_consts(self, a: torch.Tensor, relu_min: int) -> tuple:
-        """The native kernel's constants (empty when the kernel rules do not choose it)."""
-        if x86.choose("add", x86.Facts(device="cpu", native_ok=True, macs=a.numel())) != "native":
-            return ()
+    def _native_consts(self, relu_min: int) -> tuple:
+        """The native kernel's constants."""
         sa, za = float(self.a_scale), int(self.a_zero_point)
         sb, zb = float(self.b_scale), int(self.b_zero_point)
         so, zo = float(self.out_scale), int(self.out_zero_point)
