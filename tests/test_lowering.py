@@ -26,8 +26,7 @@ EXPECTED: dict[str, tuple[dict[str, int], float, float]] = {
     "mobilenet_v3_small": ({"quantized.Conv2d": 27, "quantized.Linear": 2, "quantized.LookupTable": 5,
                             "quantized.QuantizedBinary": 6}, 1, 0.0),
     "bert_encoder": ({"quantized.LinearDynamic": 14}, 0, 0.0),
-    "lstm_classifier": ({"quantized.LSTM": 1, "quantized.LinearDynamic": 1, "quantized.FakeQuantizeDynamic": 1},
-                        0, 0.0),
+    "lstm_classifier": ({"quantized.DynamicLSTM": 1, "quantized.LinearDynamic": 1}, 0, 0.0),
     "embedding_bag_recsys": ({"quantized.EmbeddingBag": 2}, 0, 0.0),
     "functional": ({"quantized.Conv2d": 2, "quantized.Linear": 1}, 0, 0.0),
     "functional_positional": ({"quantized.Conv2d": 2, "quantized.Linear": 1}, 0, 0.0),
@@ -36,6 +35,10 @@ EXPECTED: dict[str, tuple[dict[str, int], float, float]] = {
     "shufflenet": ({"quantized.Conv2d": 21, "quantized.Linear": 1, "cat": 5, "chunk": 3}, 1, 0.0),
     "segmentation_head": ({"quantized.Conv2d": 4, "cat": 1}, 1, 0.0),
 }
+# lowered models that round more than their reference: a dynamic LSTM quantizes its hidden state at every step, as
+# torch.ao's converted one does (its reference keeps the recurrence float; test_rnn_dynamic.py checks the lowered
+# model against torch.ao's): compared by signal-to-noise ratio
+ROUNDS_MORE = {"lstm_classifier": 30.0}
 # reference-form ops nothing may leave behind in a lowered graph
 _REFERENCE_OPS = ("quantize_per_tensor", "dequantize", "quantized.reference.Conv2d", "quantized.reference.Linear",
                   "choose_qparams_per_tensor")
@@ -78,12 +81,20 @@ def test_lowered_output_matches_reference(results, name):
             ref, low = _first(res.reference(*batch)), _first(res.lowered(*batch))
         assert ref.shape == low.shape and low.dtype == ref.dtype
         diff = (ref - low).abs()
+        if name in ROUNDS_MORE:
+            _assert_sqnr(low, ref, ROUNDS_MORE[name])
+            continue
         if scale is None or res.spec.recipe().kind != "static":
             torch.testing.assert_close(low, ref, rtol=1e-5, atol=1e-6)
             continue
         steps = diff / scale
         assert steps.max().item() <= max_steps + 1e-3, f"{name}: {steps.max().item():.2f} steps"
         assert (steps > 1.001).float().mean().item() <= max_frac, f"{name}: {(steps > 1.001).float().mean():.3f}"
+
+
+def _assert_sqnr(low: torch.Tensor, ref: torch.Tensor, min_db: float) -> None:
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - low).pow(2).sum().clamp(min=1e-30)).item()
+    assert sqnr >= min_db, f"lowered vs reference: {sqnr:.1f} dB < {min_db} dB"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -102,8 +113,8 @@ OTHER_RECIPES = [("resnet18", "static_qnnpack", {"quantized.Conv2d": 20}, 1),
                  ("bert_encoder", "static_x86", {"quantized.Linear": 14, "quantized.Embedding": 2}, 1),
                  ("embedding_bag_recsys", "weight_only_dynamic_linear", {"quantized.LinearDynamic": 3,
                                                                          "quantized.EmbeddingBag": 2}, 0),
-                 ("lstm_classifier", "dynamic_weight_only_embedding", {"quantized.Embedding": 1, "quantized.LSTM": 1},
-                  0)]
+                 ("lstm_classifier", "dynamic_weight_only_embedding", {"quantized.Embedding": 1,
+                                                                       "quantized.DynamicLSTM": 1}, 0)]
 
 
 @pytest.mark.parametrize("name,recipe,expected,max_steps", OTHER_RECIPES)
@@ -117,7 +128,9 @@ def test_other_recipes_lower_and_match_reference(name, recipe, expected, max_ste
     batch = res.spec.calibration_data(n_batches=1, seed=7)[0]
     with torch.no_grad():
         ref, low = _first(res.reference(*batch)), _first(res.lowered(*batch))
-    if max_steps == 0:
+    if name in ROUNDS_MORE:
+        _assert_sqnr(low, ref, ROUNDS_MORE[name])
+    elif max_steps == 0:
         torch.testing.assert_close(low, ref, rtol=1e-5, atol=1e-6)
     else:
         assert ((ref - low).abs() / scale).max().item() <= max_steps + 1e-3

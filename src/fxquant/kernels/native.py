@@ -31,10 +31,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate",
-           "mean_requantize", "quantize", "SOURCE"]
+           "mean_requantize", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-_ABI_VERSION = 7
+EXTRA_SOURCES = (SOURCE.with_name("fxquant_rnn.cpp"),)  # built into the same library
+_ABI_VERSION = 8
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -63,7 +64,8 @@ def _torch_paths() -> tuple[pathlib.Path, pathlib.Path]:
 
 def _library_path(compiler: str) -> pathlib.Path:
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in (SOURCE, *EXTRA_SOURCES):
+        key.update(source.read_bytes())
     key.update(f"{torch.__version__}|{torch.__file__}|{compiler}|{sys.platform}|{_FLAGS}".encode())
     return _cache_dir() / f"fxquant_native_{key.hexdigest()[:16]}.so"
 
@@ -76,7 +78,8 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(SOURCE), "-o", tmp,
+    cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(SOURCE),
+           *map(str, EXTRA_SOURCES), "-o", tmp,
            f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
@@ -115,6 +118,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_mean_u8.argtypes = [p, p, i64, i64, i64, i, f, f, f, f]
     lib.fxq_mul_gate_u8.restype = None
     lib.fxq_mul_gate_u8.argtypes = [p, p, p, i64, i64, i64, i, f, f, f, f, f, f, i]
+    lib.fxq_rnn_run.restype = i
+    lib.fxq_rnn_run.argtypes = [p, i, p, i64, p, i, i, i, p, p, p, i64, i, i, i]
 
 
 def _load() -> ctypes.CDLL:
@@ -331,6 +336,44 @@ class DynamicLinearPlan(_Handle):
             if rc != 0:
                 raise RuntimeError(f"FBGEMM dynamic linear failed (status {rc}) on input shape {tuple(x.shape)}")
         return y
+
+
+def rnn_recurrence(hh: DynamicLinearPlan, gru: bool, gx: torch.Tensor, gx_column: int, batch_sizes: torch.Tensor,
+                   reverse: bool, h: torch.Tensor, c: torch.Tensor | None, out: torch.Tensor, out_column: int,
+                   quant_min: int, quant_max: int, threads: int = 1) -> None:
+    """One direction of a dynamically quantized LSTM (``c`` given) or GRU layer over a (packed) sequence.
+
+    ``gx``: float32 ``(rows, columns)``, the layer's input projection with ``b_ih``; this direction's gates start at
+    column ``gx_column`` (4 or 3 blocks of ``hidden``). ``batch_sizes``: int32, the rows of each step (a padded batch:
+    all equal). ``h`` / ``c``: float32 ``(batch_sizes.max(), hidden)`` initial state, updated in place to each
+    sequence's last state. ``out``: float32 ``(rows, columns)``; the hidden states go to columns ``out_column ...
+    + hidden``. Each step quantizes the hidden state's rows to ``[quant_min, quant_max]`` (qparams as the observers
+    compute them) and multiplies by ``hh`` (the hidden-to-hidden weights with ``b_hh``) in FBGEMM.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {status()}")
+    hidden, gates = int(h.shape[-1]), 3 if gru else 4
+    steps = int(batch_sizes.numel())
+    for name, t in (("gx", gx), ("out", out), ("h", h)) + ((("c", c),) if c is not None else ()):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 2:  # type: ignore[union-attr]
+            raise ValueError(f"rnn_recurrence: {name} must be a contiguous 2-d float32 tensor")
+    if batch_sizes.dtype != torch.int32 or not batch_sizes.is_contiguous():
+        raise ValueError("rnn_recurrence: batch_sizes must be contiguous int32")
+    largest = int(batch_sizes.max()) if steps else 0
+    total = int(batch_sizes.sum()) if steps else 0
+    if (gx.shape[0] != total or out.shape[0] != total or gx_column + gates * hidden > gx.shape[1]
+            or out_column + hidden > out.shape[1] or h.shape[0] < largest or hh.in_features != hidden
+            or hh.out_features != gates * hidden or (c is not None and c.shape != h.shape) or (c is None) != gru):
+        raise ValueError(f"rnn_recurrence: shapes do not fit (gx {tuple(gx.shape)}, out {tuple(out.shape)}, h "
+                         f"{tuple(h.shape)}, {steps} steps of {total} rows, hh {hh.out_features}x{hh.in_features})")
+    if not steps:
+        return
+    rc = lib.fxq_rnn_run(hh._handle, int(gru), gx.data_ptr() + 4 * gx_column, gx.shape[1], batch_sizes.data_ptr(),
+                         steps, hidden, int(reverse), h.data_ptr(), None if c is None else c.data_ptr(),
+                         out.data_ptr() + 4 * out_column, out.shape[1], quant_min, quant_max, threads)
+    if rc != 0:
+        raise RuntimeError(f"native RNN recurrence failed (status {rc})")
 
 
 def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, c: float, low: int, high: int) -> torch.Tensor:

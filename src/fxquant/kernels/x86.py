@@ -173,6 +173,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("onednn_split", {**_EAGER_CPU, "min_rows": 128, "min_macs": 2**28, "exact_u8s8": False}),
         Rule("float"),
     ),
+    # a dynamic LSTM / GRU (torch.ao's numerics): FBGEMM's dynamic GEMM for the input projection and inside a native
+    # loop over the steps; else the same arithmetic step by step in aten ops (bench_convert.py: lstm_classifier)
+    "rnn_dynamic": (
+        Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True}),
+        Rule("aten"),
+    ),
     "linear_weight_only": (
         # float16 weights: fp32's F.linear on a cached float32 copy, or fbgemm's fp16 GEMM reading the float16
         # values themselves: K=768, N=768 / 3072 at 8..512 rows 2.3..1.0x / 3.3..1.1x (see above) -> always

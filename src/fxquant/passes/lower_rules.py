@@ -189,9 +189,8 @@ def _dynamic_when(low: Lowering, m: dict[str, fx.Node]) -> str:
 
 def _dynamic_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     part, post = _part(low, m)
-    if type(part) in (ref.LSTM, ref.GRU):  # the recurrence is float in the reference: keep the dynamic fake quant
-        mod = WEIGHT_ONLY_CLASSES[type(part)].from_reference(part)
-        return _lowered_call(low, m, mod, (m["dqd"],) + tuple(m["mod"].args[1:]), part)
+    if type(part) in (ref.LSTM, ref.GRU):
+        return _dynamic_rnn(low, m, part)
     chooser = m["qd"].args[1].args[0]
     _, qmin, qmax, _, dtype = chooser.args[:5]
     try:
@@ -199,6 +198,21 @@ def _dynamic_replace(low: Lowering, m: dict[str, fx.Node]) -> fx.Node:
     except (TypeError, ValueError) as err:
         raise CannotLower(str(err)) from err
     return _lowered_call(low, m, mod, (m["qd"].args[0],), part)
+
+
+def _dynamic_rnn(low: Lowering, m: dict[str, fx.Node], part: Any) -> fx.Node:
+    """A dynamic LSTM / GRU: torch.ao's converted numerics (the input and each step's hidden state quantized at run
+    time, int8 products) where the activation qparams are per-tensor uint8 ones; else the reference's float
+    recurrence on the fake-quantized input."""
+    chooser = m["qd"].args[1].args[0] if isinstance(m["qd"].args[1], fx.Node) else None
+    args = chooser.args if chooser is not None else ()
+    if len(args) >= 5 and args[4] == torch.uint8 and not (len(args) > 5 and args[5]) and \
+            not Q.rnn_dynamic.supports(part):
+        cls = Q.DynamicLSTM if type(part) is ref.LSTM else Q.DynamicGRU
+        mod = cls.from_reference(part, quant_min=args[1], quant_max=args[2])
+        return _lowered_call(low, m, mod, (m["qd"].args[0],) + tuple(m["mod"].args[1:]), part)
+    mod = WEIGHT_ONLY_CLASSES[type(part)].from_reference(part)
+    return _lowered_call(low, m, mod, (m["dqd"],) + tuple(m["mod"].args[1:]), part)
 
 
 # --------------------------------------------------------------------------------------------------- weight-only

@@ -246,7 +246,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 7; }
+int fxq_abi_version() { return 8; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 

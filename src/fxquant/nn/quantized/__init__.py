@@ -20,8 +20,10 @@ from fxquant.nn.quantized.linear import Linear, LinearDynamic, LinearWeightOnly
 from fxquant.nn.quantized.matmul import QuantizedMatmul
 from fxquant.nn.quantized.normalization import QuantizedNorm, QuantizedSoftmax
 from fxquant.nn.quantized.rnn import GRU, LSTM
+from fxquant.nn.quantized.rnn_dynamic import DynamicGRU, DynamicLSTM
 
 __all__ = ["reference", "Linear", "LinearDynamic", "LinearWeightOnly", "Conv1d", "Conv2d", "Conv3d",
            "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Embedding", "EmbeddingBag", "LSTM", "GRU",
+           "DynamicLSTM", "DynamicGRU",
            "Quantize", "DeQuantize", "LookupTable", "Requantize", "QuantizedBinary", "FakeQuantizeDynamic",
            "QuantizedNorm", "QuantizedSoftmax", "QuantizedMatmul", "QuantizedBatchNorm"]
