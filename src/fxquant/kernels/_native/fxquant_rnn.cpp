@@ -105,8 +105,10 @@ inline void gru_row(const float* __restrict xr, const float* __restrict xz, cons
 // one step on `rows` rows: x = the rows' input projections (gx_stride apart), y = their hidden projections (packed)
 __attribute__((target_clones("avx2", "default"))) void step_cells(int gru, const float* gx, std::int64_t gx_stride,
                                                                    const float* gh, float* h, float* c, float* out,
-                                                                   std::int64_t out_stride, int rows, int hidden) {
+                                                                   std::int64_t out_stride, int rows, int hidden,
+                                                                   int threads) {
   const std::int64_t n = hidden;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && rows > 1 && rows * n >= 2048) schedule(static)
   for (int r = 0; r < rows; ++r) {
     const float* x = gx + r * gx_stride;
     float* o = out + r * out_stride;
@@ -155,7 +157,7 @@ int fxq_rnn_run(void* hh, int gru, const float* gx, std::int64_t gx_stride, cons
       if (rc != 0) return rc;
       const float* step_gx = gx + first_row[t] * gx_stride;
       float* step_out = out + first_row[t] * out_stride;
-      step_cells(gru, step_gx, gx_stride, scratch.data(), h, c, step_out, out_stride, rows, hidden);
+      step_cells(gru, step_gx, gx_stride, scratch.data(), h, c, step_out, out_stride, rows, hidden, threads);
     }
     return 0;
   } catch (...) {

@@ -169,7 +169,7 @@ class _DynamicRNN:
         out = torch.empty(x.shape[0], directions * hidden)
         sizes_t = self._cached(("sizes", tuple(sizes)), lambda: torch.tensor(sizes, dtype=torch.int32))
         finals: list[_State] = []
-        threads = torch.get_num_threads() if sizes[0] * gates * hidden * hidden >= 2 ** 21 else 1
+        threads = torch.get_num_threads() if sizes[0] * gates * hidden * hidden >= 2 ** 20 else 1
         for d, (h0, c0) in enumerate(states):
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             hh = self._cached(("hh", layer, d), lambda: self._plan([f"weight_hh{suffix}"], [f"bias_hh{suffix}"]))
