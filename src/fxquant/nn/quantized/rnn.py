@@ -1,9 +1,10 @@
-"""Lowered LSTM / GRU for dynamic and weight-only quantization: int8 weights, float recurrence.
+"""Lowered LSTM / GRU with int8 weights and a float recurrence (weight-only recipes, and dynamic ones that
+:class:`fxquant.nn.quantized.DynamicLSTM` does not take: ``proj_size``, per-token or non-uint8 activations).
 
-torch.ao's dynamic LSTM quantizes activations inside the cell with fbgemm; its reference module (and so the
-reference graph fxquant converts) computes the recurrence in float on dequantized weights. These modules do the
-same with the dequantized weights cached (rebuilt after ``load_state_dict`` / copy / pickling), so they equal the
-reference bit for bit and run at float speed while the state dict keeps the int8 weights::
+These compute what the reference module computes — the recurrence in float on dequantized weights — with the
+dequantized weights cached (rebuilt after ``load_state_dict`` / copy / pickling), so they equal the reference bit for
+bit and run at float speed while the state dict keeps the int8 weights. (A per-tensor uint8 dynamic recipe lowers
+to :mod:`fxquant.nn.quantized.rnn_dynamic` instead: torch.ao's converted numerics, int8 products.)::
 
     lowered = LSTM.from_reference(ref_lstm)     # ref_lstm: fxquant.nn.quantized.reference.LSTM
 """
