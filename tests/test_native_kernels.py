@@ -70,10 +70,9 @@ def test_conv_plan_runs_on_several_threads_with_the_same_result():
 
 @needs_native
 def test_conv_plan_refuses_input_that_could_saturate_only_when_asked():
-    # (groups > 1: FBGEMM's grouped kernels; a plain conv splits such input instead, see below)
-    w = torch.randint(-127, 128, (8, 2, 3, 3), dtype=torch.int8)
+    w = torch.randint(-127, 128, (8, 4, 3, 3), dtype=torch.int8)
     w[0, 0, 0, :2] = 127  # two full-scale weights of one sign in one channel: 32767 // 254 = 129
-    args = (w, torch.full((8,), 0.01), None, [1, 1], [1, 1], [1, 1], 2, (0.05, 3), (0.1, 10), False, 0, 255)
+    args = (w, torch.full((8,), 0.01), None, [1, 1], [1, 1], [1, 1], 1, (0.05, 3), (0.1, 10), False, 0, 255)
     x = torch.randint(0, 128, (1, 4, 6, 6), dtype=torch.uint8)
     checked, unchecked = native.ConvPlan(*args, check_7bit=True), native.ConvPlan(*args, check_7bit=False)
     assert checked.input_limit == 129 and unchecked.input_limit == 255
@@ -83,54 +82,6 @@ def test_conv_plan_refuses_input_that_could_saturate_only_when_asked():
     x[0, 2, 3, 3] = 200
     assert checked(x) is None
     assert unchecked(x) is not None
-
-
-def _fbgemm_requantize(x, w, w_scale, bias, stride, pad, in_q, out_q, relu, low, high, table=None):
-    """FBGEMM's ReQuantizeOutput in float32 on the exact int32 accumulators (conv in float64: exact integers)."""
-    dims = w.dim() - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    acc = conv(x.double() - in_q[1], w.double(), None, stride, pad).to(torch.int64)
-    shape = (1, -1) + (1,) * dims
-    ws = w_scale.float().reshape(-1)
-    in_times_w = torch.tensor(in_q[0], dtype=torch.float32) * ws
-    mult = in_times_w / torch.tensor(out_q[0], dtype=torch.float32)
-    raw = acc.float()
-    if bias is not None:
-        raw = raw + (bias.float() / in_times_w.expand(bias.numel())).reshape(shape)
-    q = torch.round(raw * mult.reshape(shape) if ws.numel() > 1 else raw * mult) + out_q[1]
-    q = q.clamp(out_q[1] if relu else 0, 255).clamp(max(low, out_q[1]) if relu else low, high).to(torch.uint8)
-    return q if table is None else table[q.long()]
-
-
-@needs_native
-@pytest.mark.parametrize("dims,relu,per_channel,zero,threads", [
-    (2, False, True, 3, 1), (2, True, False, 200, 2), (1, False, False, 128, 1), (3, True, True, 77, 2),
-    (2, False, False, 255, 2)])
-def test_input_beyond_the_limit_is_split_exactly(dims, relu, per_channel, zero, threads):
-    g = torch.Generator().manual_seed(dims * 10 + zero)
-    cin, cout, k = 5, 12, 3
-    w = torch.randint(-128, 128, (cout, cin) + (k,) * dims, generator=g).to(torch.int8)
-    ws = torch.rand(cout if per_channel else 1, generator=g) * 0.01 + 0.002
-    bias = torch.randn(cout, generator=g)
-    x = torch.randint(0, 256, (2, cin) + (7,) * dims, generator=g).to(torch.uint8)
-    args = (w, ws, bias, [1] * dims, [1] * dims, [1] * dims, 1, (0.04, zero), (0.9, 60), relu, 10, 240)
-    plan = native.ConvPlan(*args)
-    assert 127 <= plan.input_limit < 255 and int(x.max()) > plan.input_limit
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        got = plan(x)
-    finally:
-        torch.set_num_threads(before)
-    want = _fbgemm_requantize(x, w, ws, bias, [1] * dims, [1] * dims, (0.04, zero), (0.9, 60), relu, 10, 240)
-    assert got is not None and torch.equal(got, want)
-    # and 7-bit input takes FBGEMM's own conv with the same arithmetic
-    small = x // 2
-    assert torch.equal(plan(small), _fbgemm_requantize(small, w, ws, bias, [1] * dims, [1] * dims, (0.04, zero),
-                                                       (0.9, 60), relu, 10, 240))
-    table = torch.randint(0, 256, (256,), generator=g).to(torch.uint8)
-    with_table = native.ConvPlan(*args, table=table)
-    assert torch.equal(with_table(x), table[want.long()])
 
 
 @needs_native

@@ -221,13 +221,11 @@ class ConvPlan(_Handle):
 
     ``weight``: int8 ``(out, in / groups, *kernel)`` with symmetric (zero-point 0) scales ``w_scale`` (one, or
     one per output channel). ``__call__`` takes a uint8 batch and returns the uint8 channels-last result
-    ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``. Without VNNI FBGEMM multiplies
-    with ``vpmaddubsw``, which sums two uint8 x int8 products of one output channel in int16 (saturating), exact
-    while every input is at most ``input_limit`` = 32767 / (the largest sum of two same-signed weights of one output
-    channel), at least 127. With ``check_7bit`` set, a call whose input (or zero point) exceeds it runs exactly
-    another way: a plain conv (groups 1) as two im2col GEMMs with int32 output on ``x & 127`` and ``x >> 7``, summed
-    and requantized like FBGEMM's conv; a grouped one returns None (the caller runs another kernel).
-    ``table`` (256 uint8 values):
+    ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``, or None when ``check_7bit`` is set
+    and the input holds a value above ``input_limit``: without VNNI FBGEMM multiplies with ``vpmaddubsw``, which
+    sums two uint8 x int8 products of one output channel in int16 (saturating); ``input_limit`` = 32767 / (the
+    largest sum of two same-signed weights of one output channel), at least 127 (the caller then runs another
+    kernel). ``table`` (256 uint8 values):
     applied to each clamped result -- an activation after the conv with its own output qparams, exactly as a
     separate table lookup would.
     """

@@ -11,9 +11,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 namespace {
@@ -88,11 +86,6 @@ class PackedConvolution final : public Convolution {
     std::array<int, D> nominal{};  // packing depends on the geometry, not on the image size
     for (int i = 0; i < D; ++i) nominal[i] = (kernel_[i] - 1) * dilation_[i] + 1 + stride_[i];
     packed_ = std::make_unique<fbgemm::PackWeightsForConv<D>>(params(1, nominal), weight);
-    if (groups_ == 1 && rq_.input_limit < 255) {
-      std::size_t size = static_cast<std::size_t>(out_channels_) * in_channels_;
-      for (int i = 0; i < D; ++i) size *= kernel_[i];
-      weights_.assign(weight, weight + size);
-    }
   }
 
   int input_limit() const override { return rq_.input_limit; }
@@ -102,12 +95,7 @@ class PackedConvolution final : public Convolution {
     if (rq_.input_limit < 255) {
       std::size_t count = static_cast<std::size_t>(batch) * in_channels_;
       for (int i = 0; i < D; ++i) count *= static_cast<std::size_t>(image[i]);
-      // (the zero point pads the image: above the limit it could saturate too)
-      if (rq_.input_zero > rq_.input_limit || max_byte(x, count) > rq_.input_limit) {
-        if (groups_ != 1) return 1;
-        return rq_.per_channel ? split<QuantizationGranularity::OUT_CHANNEL>(p, x, y, count, threads)
-                               : split<QuantizationGranularity::TENSOR>(p, x, y, count, threads);
-      }
+      if (max_byte(x, count) > rq_.input_limit) return 1;
     }
     if (rq_.relu) {
       return rq_.per_channel ? go<true, QuantizationGranularity::OUT_CHANNEL>(p, x, y, threads)
@@ -149,86 +137,10 @@ class PackedConvolution final : public Convolution {
         }
       }
     }
-    finish(y, count);
-    return status;
-  }
-
-  // Inputs above input_limit (groups == 1): x = lo + 128 * bit with lo = x & 127 and bit = x >> 7, each product
-  // pair of lo / bit stays within int16, so two im2col GEMMs with int32 output give the exact sum, requantized
-  // here as fbgemm's ReQuantizeOutput does (float bias / (input scale * weight scale), times the multiplier, round
-  // half to even, plus the zero point, clamped to 0..255 / relu)
-  template <QuantizationGranularity G>
-  int split(const fbgemm::conv_param_t<D>& p, const std::uint8_t* x, std::uint8_t* y, std::size_t in_count,
-            int threads) {
-    std::call_once(gemm_once_, [this] {
-      int k = in_channels_;
-      for (int i = 0; i < D; ++i) k *= kernel_[i];
-      gemm_weight_ = std::make_unique<fbgemm::PackBMatrix<std::int8_t, std::int32_t>>(
-          fbgemm::matrix_op_t::Transpose, k, out_channels_, weights_.data(), k, nullptr, 1);
-      weights_.clear();
-      weights_.shrink_to_fit();
-    });
-    thread_local std::vector<std::uint8_t> low_bits, high_bit;
-    thread_local std::vector<std::int32_t> low_acc, high_acc, buffer;
-    low_bits.resize(in_count);
-    high_bit.resize(in_count);
-    for (std::size_t i = 0; i < in_count; ++i) {
-      low_bits[i] = x[i] & 127;
-      high_bit[i] = x[i] >> 7;
-    }
-    std::size_t rows = static_cast<std::size_t>(p.MB);
-    for (int i = 0; i < D; ++i) rows *= static_cast<std::size_t>(p.OUT_DIM[i]);
-    const std::size_t count = rows * out_channels_;
-    low_acc.resize(count);
-    high_acc.resize(count);
-    buffer.resize(count);
-    // (thread_local storage: pointers taken here, on the calling thread, for the OpenMP workers)
-    const std::uint8_t* low_in = low_bits.data();
-    const std::uint8_t* high_in = high_bit.data();
-    std::int32_t *low_out = low_acc.data(), *high_out = high_acc.data(), *scratch = buffer.data();
-    auto gemm = [&](const std::uint8_t* a, int zero, std::int32_t* out, int id, int of) {
-      fbgemm::PackAWithIm2Col<std::uint8_t, std::int32_t, D> packed(p, a, nullptr, zero, nullptr, true);
-      fbgemm::DoNothing<std::int32_t, std::int32_t> done;
-      fbgemm::memCopy<> copy(done);
-      fbgemm::fbgemmPacked(packed, *gemm_weight_, out, scratch, out_channels_, copy, id, of);
-    };
-    const int zero = rq_.input_zero;
-    if (threads <= 1) {
-      gemm(low_in, zero & 127, low_out, 0, 1);
-      gemm(high_in, zero >> 7, high_out, 0, 1);
-    } else {
-#pragma omp parallel num_threads(threads)
-      {
-        gemm(low_in, zero & 127, low_out, omp_get_thread_num(), omp_get_num_threads());
-#pragma omp barrier
-        gemm(high_in, zero >> 7, high_out, omp_get_thread_num(), omp_get_num_threads());
-      }
-    }
-    const int n = out_channels_;
-    const long floor = rq_.relu ? rq_.output_zero : 0;
-    for (std::size_t r = 0; r < rows; ++r) {
-      const std::int32_t* a = low_out + r * n;
-      const std::int32_t* b = high_out + r * n;
-      std::uint8_t* out = y + r * n;
-      for (int j = 0; j < n; ++j) {
-        const int q = G == QuantizationGranularity::TENSOR ? 0 : j;
-        const std::int32_t raw = a[j] + 128 * b[j] - zero * rq_.column_sums[j];
-        float raw_f = static_cast<float>(raw);
-        if (!rq_.bias.empty()) raw_f += rq_.bias[j] / rq_.input_times_weight[q];
-        const long rounded = std::lrintf(raw_f * rq_.multiplier[q]) + rq_.output_zero;
-        out[j] = static_cast<std::uint8_t>(std::max(floor, std::min(255l, rounded)));
-      }
-    }
-    finish(y, count);
-    return 0;
-  }
-
-  // fbgemm clamps to 0..255 (relu: from the output zero point); narrower ranges (reduce_range, relu6) and an
-  // activation table here, in one pass
-  void finish(std::uint8_t* y, std::size_t count) const {
-    const bool relu = rq_.relu;
-    const int floor = relu ? std::max(rq_.low, rq_.output_zero) : rq_.low;
-    const bool clamp = floor > (relu ? rq_.output_zero : 0) || rq_.high < 255;
+    // fbgemm clamps to 0..255 (relu: from the output zero point); narrower ranges (reduce_range, relu6) and an
+    // activation table here, in one pass
+    const int floor = RELU ? std::max(rq_.low, rq_.output_zero) : rq_.low;
+    const bool clamp = floor > (RELU ? rq_.output_zero : 0) || rq_.high < 255;
     const auto lo = static_cast<std::uint8_t>(floor), hi = static_cast<std::uint8_t>(rq_.high);
     if (!rq_.table.empty()) {
       const std::uint8_t* t = rq_.table.data();
@@ -244,6 +156,7 @@ class PackedConvolution final : public Convolution {
         y[i] = v > hi ? hi : v;
       }
     }
+    return status;
   }
 
   int in_channels_, out_channels_, groups_;
@@ -251,9 +164,6 @@ class PackedConvolution final : public Convolution {
   std::array<int, 2 * D> pad_;
   Requant rq_;
   std::unique_ptr<fbgemm::PackWeightsForConv<D>> packed_;
-  std::vector<std::int8_t> weights_;  // kept until the split path first packs them for the im2col GEMM
-  std::once_flag gemm_once_;
-  std::unique_ptr<fbgemm::PackBMatrix<std::int8_t, std::int32_t>> gemm_weight_;
 };
 
 // A linear layer with symmetric int8 weights packed once, on float input quantized per tensor at run time
