@@ -82,6 +82,9 @@ def test_conv_plan_refuses_input_that_could_saturate_only_when_asked():
     x[0, 2, 3, 3] = 200
     assert checked(x) is None
     assert unchecked(x) is not None
+    # the zero point pads the image: one above the limit refuses every input
+    padded = native.ConvPlan(*args[:7], (0.05, 200), *args[8:], check_7bit=True)
+    assert padded(x // 2) is None
 
 
 @needs_native

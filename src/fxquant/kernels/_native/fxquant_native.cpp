@@ -95,7 +95,8 @@ class PackedConvolution final : public Convolution {
     if (rq_.input_limit < 255) {
       std::size_t count = static_cast<std::size_t>(batch) * in_channels_;
       for (int i = 0; i < D; ++i) count *= static_cast<std::size_t>(image[i]);
-      if (max_byte(x, count) > rq_.input_limit) return 1;
+      // (the zero point pads the image: above the limit it could saturate as well)
+      if (rq_.input_zero > rq_.input_limit || max_byte(x, count) > rq_.input_limit) return 1;
     }
     if (rq_.relu) {
       return rq_.per_channel ? go<true, QuantizationGranularity::OUT_CHANNEL>(p, x, y, threads)
