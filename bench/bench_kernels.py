@@ -204,7 +204,7 @@ def bench_native(repeats: int) -> None:
     """The native FBGEMM kernels (fxquant.kernels.native) against the kernels the rules used before them: convs
     at the sizes of small CNNs (the fbgemm plan forced, 7-bit input) vs onednn and the folded float plan; dynamic
     linear vs onednn with aten's run-time quantization; the one-pass Quantize (float -> uint8; "fp32" here is a
-    copy of the input), add and gate product vs aten."""
+    copy of the input), add and gate product vs aten; the dynamic LSTM's native recurrence vs its aten form."""
     if not native.available():
         print(f"native kernels unavailable: {native.status()}")
         return
@@ -262,6 +262,25 @@ def bench_native(repeats: int) -> None:
         report_all("gate_mul", f"N={n} C={c} HW={hw}", compare_us({
             "fp32": lambda: fa * fg, "native": lambda: gate(a, g),
             "aten": lambda: uint8.binary("mul", a, g, gate_consts, 0, 0, 255, torch.uint8)}, repeats))
+
+    # a 2-layer dynamic LSTM (torch.ao's converted numerics) over 32 steps: the native loop, the reference's float
+    # recurrence (the eager fallback) and the native loop's arithmetic in aten ops step by step (torch.export's
+    # form), against fp32's nn.LSTM (oneDNN's fused RNN)
+    for batch, hidden in [(1, 256), (16, 256), (1, 64)]:
+        lstm = nn.LSTM(hidden // 2, hidden, num_layers=2, batch_first=True).eval()
+        qparams = {name: {"qscheme": torch.per_tensor_symmetric, "dtype": torch.qint8, "zero_point": 0,
+                          "scale": w.detach().abs().max() / 127.5}
+                   for name, w in lstm.named_parameters() if name.startswith("weight")}
+        fast = Q.DynamicLSTM.from_reference(R.LSTM.from_float(lstm, qparams))
+        slow = Q.DynamicLSTM.from_reference(R.LSTM.from_float(lstm, qparams))
+        slow._kernel_cache["path"] = "aten"
+        ref_form = Q.DynamicLSTM.from_reference(R.LSTM.from_float(lstm, qparams))
+        ref_form._kernel_cache["path"] = "float"
+        x = torch.randn(batch, 32, hidden // 2)
+        with torch.no_grad():
+            report_all("lstm_dynamic", f"N={batch} T=32 H={hidden} 2 layers", compare_us({
+                "fp32": lambda: lstm(x), "native": lambda: fast(x), "float": lambda: ref_form(x),
+                "aten": lambda: slow(x)}, max(3, repeats // 3)))
 
 
 BENCHES = {"linear": bench_linear, "dynamic": bench_dynamic, "weight_only": bench_weight_only, "conv": bench_conv,

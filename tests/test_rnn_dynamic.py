@@ -54,7 +54,7 @@ def _build(kind: str, path: str, per_channel: bool = False, seed: int = 0, **kwa
 def _force(module: nn.Module, path: str) -> None:
     for m in module.modules():
         if isinstance(m, (Q.DynamicLSTM, Q.DynamicGRU)):
-            m._kernel_cache["native"] = path == "native"
+            m._kernel_cache["path"] = path
 
 
 def _torchao(kind: str, float_mod: nn.Module, per_channel: bool) -> nn.Module:
@@ -69,10 +69,10 @@ def _torchao(kind: str, float_mod: nn.Module, per_channel: bool) -> nn.Module:
 
 
 def _flat(out):
+    if isinstance(out, nn.utils.rnn.PackedSequence):  # (a tuple too: first)
+        return [out.data]
     if isinstance(out, tuple):
         return [t for o in out for t in _flat(o)]
-    if isinstance(out, nn.utils.rnn.PackedSequence):
-        return [out.data]
     return [out]
 
 
@@ -164,6 +164,29 @@ def test_lowered_model_equals_torchao_converted_model():
         for batch in ours.spec.calibration_data(n_batches=2, seed=7):
             with torch.no_grad():
                 torch.testing.assert_close(ours.lowered(*batch), ao.lowered(*batch), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_without_the_native_kernel_eager_calls_run_the_reference_float_recurrence(kind, packed):
+    # (the step-by-step aten form costs 3-30x fp32's time: eager calls without the native library take the
+    # reference graph's arithmetic instead -- the input fake-quantized at run time, the float recurrence)
+    float_mod, dyn = _build(kind, "float", input_size=8, hidden_size=16, num_layers=2, bidirectional=True)
+    ref_mod = _REF[kind].from_float(float_mod, _weight_qparams(float_mod, False))
+    fake_quant = Q.FakeQuantizeDynamic(0, 127)
+    x = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        if packed:
+            seq = pack_padded_sequence(x, torch.tensor([6, 4, 3]))
+            want = ref_mod(nn.utils.rnn.PackedSequence(fake_quant(seq.data), seq.batch_sizes))
+            got = dyn(seq)
+        else:
+            want, got = ref_mod(fake_quant(x)), dyn(x)
+    for a, b in zip(_flat(got), _flat(want), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert dyn._path(x) == "float" and not torch.equal(_flat(dyn(x))[0], _flat(_build(
+            kind, "aten", input_size=8, hidden_size=16, num_layers=2, bidirectional=True)[1](x))[0])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

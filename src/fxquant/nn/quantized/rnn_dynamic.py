@@ -10,8 +10,11 @@ Activation qparams are those of fxquant's observers (:func:`fxquant.kernels.dyna
 ``[quant_min, quant_max]`` (0..127 for x86's ``reduce_range``).
 
 Kernels: FBGEMM through fxquant's native library (:mod:`fxquant.kernels.native`): one call for a layer's input
-projection (both directions), one per direction for the recurrence. Without it, and while tracing for
-``torch.export``, the same arithmetic runs in aten ops step by step (slower than float)::
+projection (both directions), one per direction for the recurrence. While tracing for ``torch.export`` the same
+arithmetic runs in aten ops step by step. Eager calls without the native library (no compiler, another CPU)
+compute what the reference graph computes instead -- the input quantized at run time, then the float recurrence on
+the dequantized weights -- since the step-by-step aten form costs 3-30x fp32's time
+(``bench_kernels.py --only native``, the ``lstm_dynamic`` rows)::
 
     lowered = DynamicLSTM.from_reference(ref_lstm, quant_min=0, quant_max=127)
 """
@@ -72,6 +75,10 @@ class _DynamicRNN:
 
     # ----------------------------------------------------------------------------------------------- plumbing
     def forward(self, input: Any, hx: Any = None) -> tuple[Any, Any]:
+        data = input.data if isinstance(input, PackedSequence) else input
+        path = self._path(data)
+        if path == "float":
+            return self._float_forward(input, hx)
         m: Any = self
         lstm = self._GATES == 4
         if isinstance(input, PackedSequence):
@@ -96,7 +103,7 @@ class _DynamicRNN:
         m.check_forward_args(rows if isinstance(input, PackedSequence) else x, hx,
                              batch_sizes if isinstance(input, PackedSequence) else None)
         h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
-        out, h_n, c_n = self._run(rows.float(), sizes, h0.float(), None if c0 is None else c0.float())
+        out, h_n, c_n = self._run(path, rows.float(), sizes, h0.float(), None if c0 is None else c0.float())
         out, h_n = out.to(rows.dtype), h_n.to(rows.dtype)
         hidden: Any = (h_n, c_n.to(rows.dtype)) if lstm else h_n  # type: ignore[union-attr]
         if isinstance(input, PackedSequence):
@@ -108,12 +115,12 @@ class _DynamicRNN:
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if lstm else hidden.squeeze(1)
         return out, hidden
 
-    def _run(self, rows: torch.Tensor, sizes: list[int], h0: torch.Tensor,
+    def _run(self, path: str, rows: torch.Tensor, sizes: list[int], h0: torch.Tensor,
              c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m: Any = self
         directions = 2 if m.bidirectional else 1
-        step = self._native_ok(rows) and sizes and rows.shape[0] > 0
-        layer_fn = self._native_layer if step else self._aten_layer
+        native_run = path == "native" and sizes and rows.shape[0] > 0
+        layer_fn = self._native_layer if native_run else self._aten_layer
         h_out, c_out = [], []
         x = rows
         for layer in range(m.num_layers):
@@ -128,16 +135,39 @@ class _DynamicRNN:
         c_n = None if c0 is None else (torch.stack(c_out) if c_out else c0)  # type: ignore[arg-type]
         return x, h_n, c_n
 
-    def _native_ok(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or x.device.type != "cpu":
-            return False
-        key = "native"
-        if key not in self._kernel_cache:
+    def _path(self, x: torch.Tensor) -> str:
+        """``"native"`` (FBGEMM loop), ``"aten"`` (the same arithmetic step by step: while tracing for export /
+        compile) or ``"float"`` (eager without the native kernel: the reference's float recurrence, fp32's speed)."""
+        if torch.compiler.is_compiling():
+            return "aten"
+        if x.device.type != "cpu":
+            return "float"
+        if "path" not in self._kernel_cache:
             facts = x86.Facts(device="cpu", native_ok=True, input_7bit=self.quant_max <= 127)
             symmetric = all(int(torch.count_nonzero(getattr(self, n + "_zero_point"))) == 0
                             for n in self._weight_specs)  # type: ignore[attr-defined]
-            self._kernel_cache[key] = symmetric and x86.choose("rnn_dynamic", facts) == "fbgemm"
-        return bool(self._kernel_cache[key])
+            fast = symmetric and x86.choose("rnn_dynamic", facts) == "fbgemm"
+            self._kernel_cache["path"] = "native" if fast else "float"
+        return str(self._kernel_cache["path"])
+
+    def _float_forward(self, input: Any, hx: Any) -> tuple[Any, Any]:
+        """What the reference graph computes: the input fake-quantized per tensor at run time, then the float
+        recurrence on the dequantized weights (cached)."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        lo, hi = torch.aminmax(data.detach())
+        scale, zp = dynamic.affine_qparams(float(lo), float(hi), self.quant_min, self.quant_max)
+        fq = dynamic.fake_quantize(data, scale, zp, self.quant_min, self.quant_max)
+        if isinstance(input, PackedSequence):
+            fq = PackedSequence(fq, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        return self._REF.forward(self, fq, hx)  # type: ignore[attr-defined, no-any-return]
+
+    def get_flat_weights(self) -> list[torch.Tensor | None]:
+        if torch.compiler.is_compiling():
+            return super().get_flat_weights()  # type: ignore[misc, no-any-return]
+        if "flat" not in self._kernel_cache:
+            self._kernel_cache["flat"] = [None if w is None else w.detach()
+                                          for w in super().get_flat_weights()]  # type: ignore[misc]
+        return self._kernel_cache["flat"]  # type: ignore[no-any-return]
 
     def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
         cache = self._kernel_cache
