@@ -19,21 +19,11 @@ from fxquant.nn.quantized import reference as ref
 __all__ = ["LSTM", "GRU"]
 
 
-class _CachedWeightsMixin:
-    """Caches ``get_flat_weights()`` of a reference RNN in eager mode."""
+class WeightCache:
+    """Caches ``get_flat_weights()`` (the dequantized weights) of a reference RNN in eager mode; a loaded state
+    dict, a copy or a pickle starts without it (also the cache of the modules' other kernel data)."""
 
-    _kernel_cache: dict[str, Any]
-
-    @classmethod
-    def from_reference(cls, module: Any) -> Any:
-        """A lowered module sharing ``module``'s buffers and parameters (the reference module is consumed)."""
-        if not isinstance(module, cls.__mro__[2]):
-            raise TypeError(f"{cls.__name__}.from_reference expects {cls.__mro__[2].__name__}, got "
-                            f"{type(module).__name__}")
-        lowered = cls.__new__(cls)
-        lowered.__dict__.update(module.__dict__)
-        lowered.__dict__["_kernel_cache"] = {}
-        return lowered
+    _kernel_cache: dict[Any, Any]
 
     def get_flat_weights(self) -> list[torch.Tensor | None]:
         if torch.compiler.is_compiling():
@@ -51,6 +41,21 @@ class _CachedWeightsMixin:
         state = self.__dict__.copy()
         state["_kernel_cache"] = {}
         return state
+
+
+class _CachedWeightsMixin(WeightCache):
+    """The float-recurrence lowered modules: a reference RNN's state with the weight cache."""
+
+    @classmethod
+    def from_reference(cls, module: Any) -> Any:
+        """A lowered module sharing ``module``'s buffers and parameters (the reference module is consumed)."""
+        expected = next(c for c in cls.__mro__ if c in (ref.LSTM, ref.GRU))
+        if not isinstance(module, expected):
+            raise TypeError(f"{cls.__name__}.from_reference expects {expected.__name__}, got {type(module).__name__}")
+        lowered = cls.__new__(cls)
+        lowered.__dict__.update(module.__dict__)
+        lowered.__dict__["_kernel_cache"] = {}
+        return lowered
 
     def _get_name(self) -> str:
         return f"Quantized{type(self).__name__}(WeightOnly)"

@@ -30,6 +30,7 @@ from fxquant.kernels import dynamic, native, portable, x86
 from fxquant.nn.quantized import reference as ref
 from fxquant.nn.quantized._base import act_spec
 from fxquant.nn.quantized._lowering import dynamic_qparams
+from fxquant.nn.quantized.rnn import WeightCache
 
 __all__ = ["DynamicLSTM", "DynamicGRU", "supports"]
 
@@ -48,7 +49,7 @@ def supports(module: Any) -> str:
     return ""
 
 
-class _DynamicRNN:
+class _DynamicRNN(WeightCache):
     """Shared plumbing: state handling of ``nn.LSTM`` / ``nn.GRU``, the two kernels, cached weight plans."""
 
     _GATES: int
@@ -161,14 +162,6 @@ class _DynamicRNN:
             fq = PackedSequence(fq, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         return self._REF.forward(self, fq, hx)  # type: ignore[attr-defined, no-any-return]
 
-    def get_flat_weights(self) -> list[torch.Tensor | None]:
-        if torch.compiler.is_compiling():
-            return super().get_flat_weights()  # type: ignore[misc, no-any-return]
-        if "flat" not in self._kernel_cache:
-            self._kernel_cache["flat"] = [None if w is None else w.detach()
-                                          for w in super().get_flat_weights()]  # type: ignore[misc]
-        return self._kernel_cache["flat"]  # type: ignore[no-any-return]
-
     def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
         cache = self._kernel_cache
         if key not in cache:
@@ -256,15 +249,6 @@ class _DynamicRNN:
     def _cell(self, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor,
               c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
-
-    def _load_from_state_dict(self, *args: Any) -> None:
-        self.__dict__["_kernel_cache"] = {}
-        super()._load_from_state_dict(*args)  # type: ignore[misc]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_kernel_cache"] = {}
-        return state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activations uint8 [{self.quant_min}, {self.quant_max}] per tensor"  # type: ignore[misc]
