@@ -42,7 +42,7 @@ def supports(module: Any) -> str:
     if type(module) not in (ref.LSTM, ref.GRU):
         return f"{type(module).__name__} is not a reference LSTM / GRU"
     if getattr(module, "proj_size", 0) > 0:
-        return "LSTM with proj_size (torch.ao has no dynamic kernel for it either)"
+        return "LSTM with proj_size (no dynamic kernel for the projection: the float recurrence runs)"
     for name, spec in module._weight_specs.items():
         if spec.dtype != torch.int8 or spec.granularity not in ("per_tensor", "per_channel") or spec.axis != 0:
             return f"{name} is not an int8 per-tensor / per-output-channel weight ({spec.qscheme_name} {spec.dtype})"
