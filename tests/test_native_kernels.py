@@ -433,3 +433,79 @@ def test_quantize_module_native_pass_matches_the_aten_kernel(dtype, lo, hi, layo
     assert (fast.int() - slow.int()).abs().max().item() <= 1
     assert (fast != slow).float().mean().item() < 0.001  # (ties only: float32 rounding of zp + x / scale)
     assert fast[0, 0, 0, :3].tolist() == [hi, lo, hi]
+
+
+def _fbgemm_linear_reference(x, w, w_scale, bias, in_q, out_q, relu, low, high):
+    """FBGEMM's ReQuantizeOutput in float32 on the exact int32 accumulators (a float64 product of small integers)."""
+    acc = (x.double() - in_q[1]) @ w.double().t()
+    ws = w_scale.float().reshape(-1)
+    in_times_w = torch.tensor(in_q[0], dtype=torch.float32) * ws
+    mult = in_times_w / torch.tensor(out_q[0], dtype=torch.float32)
+    raw = acc.float()
+    if bias is not None:
+        raw = raw + bias.float() / in_times_w.expand(bias.numel())
+    q = torch.round(raw * mult) + out_q[1]
+    q = q.clamp(out_q[1] if relu else 0, 255)
+    return q.clamp(max(low, out_q[1]) if relu else low, high).to(torch.uint8)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,k,n,relu,per_channel,bias", [
+    (1, 8, 16, False, True, True), (4, 64, 10, True, False, True), (33, 256, 96, True, True, False),
+    (1, 512, 1000, False, True, True)])
+def test_static_linear_plan_requantizes_like_fbgemm_on_exact_sums(rows, k, n, relu, per_channel, bias):
+    g = torch.Generator().manual_seed(rows * 7 + k)
+    w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    ws = torch.rand(n if per_channel else 1, generator=g) * 0.004 + 0.001
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randint(0, 128, (rows, k), generator=g).to(torch.uint8)
+    in_q, out_q = (0.03, 61), (0.2 * k ** 0.5 / 8, 70)
+    plan = native.StaticLinearPlan(w, ws, b, in_q, out_q, relu, 5, 120)
+    want = _fbgemm_linear_reference(x, w, ws, b, in_q, out_q, relu, 5, 120)
+    assert torch.equal(plan(x), want)
+    assert torch.equal(plan(x.reshape(1, rows, k)), want.reshape(1, rows, n))  # leading dims kept
+    # and within one step of the float reference (the float product rounds differently at ties only)
+    yf = F.linear((x.float() - in_q[1]) * in_q[0], w.float() * ws.reshape(-1, 1), b)
+    yf = yf.relu() if relu else yf
+    ref = torch.clamp(torch.round(yf / out_q[0]) + out_q[1], 5, 120)
+    assert (plan(x).int() - ref.int()).abs().max().item() <= 1
+
+
+@needs_native
+def test_static_linear_plan_refuses_input_that_could_saturate():
+    w = torch.randint(-127, 128, (6, 16), dtype=torch.int8)
+    w[0, :2] = 127  # limit 32767 // 254 = 129
+    plan = native.StaticLinearPlan(w, torch.full((6,), 0.01), None, (0.05, 3), (0.1, 10), False, 0, 255)
+    x = torch.randint(0, 128, (2, 16), dtype=torch.uint8)
+    assert plan(x) is not None
+    x[1, 5] = 200
+    assert plan(x) is None
+    assert native.StaticLinearPlan(w, torch.full((6,), 0.01), None, (0.05, 3), (0.1, 10), False, 0, 255,
+                                   check_7bit=False)(x) is not None
+    assert native.StaticLinearPlan(w, torch.full((6,), 0.01), None, (0.05, 200), (0.1, 10), False, 0,
+                                   255)(x // 2) is None  # a zero point above the limit
+
+
+@needs_native
+def test_lowered_linear_runs_fbgemm_and_falls_back_beyond_the_limit():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    mapping = fxquant.get_default_qconfig_mapping("x86")
+    example = (torch.randn(4, 32),)
+    prepared = fxquant.quantize_fx.prepare_fx(model, mapping, example)
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.randn(4, 32))
+    reference = fxquant.quantize_fx.convert_to_reference_fx(copy.deepcopy(prepared))
+    lowered = fxquant.quantize_fx.convert_fx(prepared)
+    x = torch.randn(4, 32)
+    step = float([m.scale for m in lowered.modules() if isinstance(m, Q.DeQuantize)][-1])
+    with torch.no_grad():
+        assert (lowered(x) - reference(x)).abs().max().item() <= step * 1.001
+        plans = [m._kernel_cache[(4, True)] for m in lowered.modules() if type(m) is Q.Linear]
+        assert plans and all("_fbgemm_plan" in p.__qualname__ for p in plans)
+        # far beyond the calibrated range: the first layer's input saturates at 255, above the int16-safe limit
+        # on CPUs without VNNI: that call runs the rules' other kernel, still within a step of the reference
+        big = x * 50
+        assert (lowered(big) - reference(big)).abs().max().item() <= step * 1.001
+    assert x86.choose("linear", x86.Facts(rows=1, onednn_ok=True, input_7bit=True, native_ok=True,
+                                          macs=10**6)) == "fbgemm"

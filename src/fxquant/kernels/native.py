@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "add", "mul_gate",
+__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add", "mul_gate",
            "mean_requantize", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 EXTRA_SOURCES = (SOURCE.with_name("fxquant_rnn.cpp"),)  # built into the same library
-_ABI_VERSION = 8
+_ABI_VERSION = 9
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -118,6 +118,12 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_mean_u8.argtypes = [p, p, i64, i64, i64, i, f, f, f, f]
     lib.fxq_mul_gate_u8.restype = None
     lib.fxq_mul_gate_u8.argtypes = [p, p, p, i64, i64, i64, i, f, f, f, f, f, f, i]
+    lib.fxq_qlinear_create.restype = p
+    lib.fxq_qlinear_create.argtypes = [i, i, p, i, p, f, i, f, i, p, i, i, i, i]
+    lib.fxq_qlinear_run.restype = i
+    lib.fxq_qlinear_run.argtypes = [p, p, p, i, i]
+    lib.fxq_qlinear_free.restype = None
+    lib.fxq_qlinear_free.argtypes = [p]
     lib.fxq_rnn_run.restype = i
     lib.fxq_rnn_run.argtypes = [p, i, p, i64, p, i, i, i, p, p, p, i64, i, i, i]
 
@@ -336,6 +342,46 @@ class DynamicLinearPlan(_Handle):
             if rc != 0:
                 raise RuntimeError(f"FBGEMM dynamic linear failed (status {rc}) on input shape {tuple(x.shape)}")
         return y
+
+
+class StaticLinearPlan(_Handle):
+    """A static int8 linear layer with its weight packed once by FBGEMM.
+
+    ``weight``: int8 ``(out, in)``, symmetric scales ``w_scale`` (one, or one per output feature). ``__call__(x)``
+    takes uint8 ``x`` (..., in) and returns uint8 ``quantize(relu?(dequantize(x) @ W^T + bias))`` clamped to
+    ``[low, high]``, or None when ``check_7bit`` is set and the input (or its zero point) exceeds ``input_limit``
+    (see :class:`ConvPlan`: the caller then runs another kernel).
+    """
+
+    def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_qparams: tuple[float, int], output_qparams: tuple[float, int], relu: bool, low: int,
+                 high: int, check_7bit: bool = True) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError(f"native kernels unavailable: {status()}")
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        w = weight.contiguous()
+        scales = w_scale.detach().float().reshape(-1).contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        handle = lib.fxq_qlinear_create(self.in_features, self.out_features, w.data_ptr(), int(scales.numel() > 1),
+                                        scales.data_ptr(), float(input_qparams[0]), int(input_qparams[1]),
+                                        float(output_qparams[0]), int(output_qparams[1]),
+                                        None if b is None else b.data_ptr(), int(relu), int(low), int(high),
+                                        int(check_7bit))
+        if not handle:
+            raise RuntimeError("FBGEMM could not pack this linear layer")
+        self._handle, self._free, self._run = handle, lib.fxq_qlinear_free, lib.fxq_qlinear_run
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        x = x if x.is_contiguous() else x.contiguous()
+        rows = x.numel() // self.in_features
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.uint8)
+        if not rows:
+            return y
+        rc = self._run(self._handle, x.data_ptr(), y.data_ptr(), rows, torch.get_num_threads())
+        if rc not in (0, 1):
+            raise RuntimeError(f"FBGEMM linear failed (status {rc}) on input shape {tuple(x.shape)}")
+        return y if rc == 0 else None
 
 
 def rnn_recurrence(hh: DynamicLinearPlan, gru: bool, gx: torch.Tensor, gx_column: int, batch_sizes: torch.Tensor,

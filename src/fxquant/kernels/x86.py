@@ -148,6 +148,10 @@ _EAGER_CPU = {"device": "cpu", "compiling": False, "onednn_ok": True}
 _FP16 = {"device": "cpu", "compiling": False, "fp16_gemm": True}
 RULES: dict[str, tuple[Rule, ...]] = {
     "linear": (
+        # FBGEMM's static GEMM (native, requantization fused; bench_kernels.py --only native): vs fp32 0.98x at
+        # 4x8x16 (the others 0.32-0.52x), 3.2x at M=1 K=512 N=1000 (fp16_gemm 1.7x, onednn 0.60x), 5.5x at M=8
+        # K=768 N=3072 (onednn 2.0x), 1.9x at M=128 K=N=768 (onednn 1.7x) -> at every size
+        Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True}),
         Rule("fp16_gemm", {**_FP16, "max_rows": 16, "min_macs": 2**18}),
         Rule("onednn", {**_EAGER_CPU, "min_rows": 2, "macs_unknown_or_at_least": 2**20, "exact_u8s8": True}),
         Rule("fp16_gemm", {**_FP16, "min_macs": 2**20, "exact_u8s8": False}),  # beats the split at every size

@@ -76,6 +76,57 @@ int saturation_free_limit(const std::int8_t* weight, int out_channels, int per_o
   return std::min(255, 32767 / worst);
 }
 
+// fbgemm clamps requantized results to 0..255 (relu: from the output zero point); narrower ranges (reduce_range,
+// relu6) and an activation table here, in one pass over the count bytes of y
+void finish(const Requant& rq, std::uint8_t* y, std::size_t count) {
+  const int floor = rq.relu ? std::max(rq.low, rq.output_zero) : rq.low;
+  const bool clamp = floor > (rq.relu ? rq.output_zero : 0) || rq.high < 255;
+  const auto lo = static_cast<std::uint8_t>(floor), hi = static_cast<std::uint8_t>(rq.high);
+  if (!rq.table.empty()) {
+    const std::uint8_t* t = rq.table.data();
+    for (std::size_t i = 0; i < count; ++i) {
+      std::uint8_t v = y[i];
+      v = v < lo ? lo : v;
+      y[i] = t[v > hi ? hi : v];
+    }
+  } else if (clamp) {
+    for (std::size_t i = 0; i < count; ++i) {
+      std::uint8_t v = y[i];
+      v = v < lo ? lo : v;
+      y[i] = v > hi ? hi : v;
+    }
+  }
+}
+
+// the requantization constants shared by the static kernels: weight (outputs, per_output) symmetric int8
+Requant make_requant(const std::int8_t* weight, int outputs, int per_output, int per_channel, const float* w_scale,
+                     float in_scale, int in_zero, float out_scale, int out_zero, const float* bias, int relu, int low,
+                     int high, int check_7bit) {
+  Requant rq;
+  rq.column_sums.resize(outputs);
+  for (int o = 0; o < outputs; ++o) {
+    const std::int8_t* row = weight + static_cast<std::size_t>(o) * per_output;
+    std::int32_t sum = 0;
+    for (int j = 0; j < per_output; ++j) sum += row[j];
+    rq.column_sums[o] = sum;
+  }
+  const int scales = per_channel ? outputs : 1;
+  rq.weight_zeros.assign(scales, 0);
+  for (int o = 0; o < scales; ++o) {
+    rq.input_times_weight.push_back(in_scale * w_scale[o]);
+    rq.multiplier.push_back(rq.input_times_weight.back() / out_scale);
+  }
+  if (bias != nullptr) rq.bias.assign(bias, bias + outputs);
+  rq.input_zero = in_zero;
+  rq.output_zero = out_zero;
+  rq.low = low;
+  rq.high = high;
+  rq.relu = relu != 0;
+  rq.per_channel = per_channel != 0;
+  rq.input_limit = check_7bit != 0 ? saturation_free_limit(weight, outputs, per_output) : 255;
+  return rq;
+}
+
 template <int D>
 class PackedConvolution final : public Convolution {
  public:
@@ -138,25 +189,7 @@ class PackedConvolution final : public Convolution {
         }
       }
     }
-    // fbgemm clamps to 0..255 (relu: from the output zero point); narrower ranges (reduce_range, relu6) and an
-    // activation table here, in one pass
-    const int floor = RELU ? std::max(rq_.low, rq_.output_zero) : rq_.low;
-    const bool clamp = floor > (RELU ? rq_.output_zero : 0) || rq_.high < 255;
-    const auto lo = static_cast<std::uint8_t>(floor), hi = static_cast<std::uint8_t>(rq_.high);
-    if (!rq_.table.empty()) {
-      const std::uint8_t* t = rq_.table.data();
-      for (std::size_t i = 0; i < count; ++i) {
-        std::uint8_t v = y[i];
-        v = v < lo ? lo : v;
-        y[i] = t[v > hi ? hi : v];
-      }
-    } else if (clamp) {
-      for (std::size_t i = 0; i < count; ++i) {
-        std::uint8_t v = y[i];
-        v = v < lo ? lo : v;
-        y[i] = v > hi ? hi : v;
-      }
-    }
+    finish(rq_, y, count);
     return status;
   }
 
@@ -230,6 +263,61 @@ class DynamicLinear {
   std::vector<float> w_scale_, bias_;
 };
 
+// A static linear layer: uint8 input (rows, in) with its qparams, symmetric int8 weights packed once, uint8 output
+// requantized by FBGEMM (relu, the output range clamped as for convolutions).
+class StaticLinear {
+ public:
+  StaticLinear(int in_features, int out_features, const std::int8_t* weight, Requant requant)
+      : k_(in_features), n_(out_features), rq_(std::move(requant)) {
+    packed_ = std::make_unique<fbgemm::PackBMatrix<std::int8_t>>(fbgemm::matrix_op_t::Transpose, k_, n_, weight, k_,
+                                                                  nullptr, 1);
+  }
+
+  // 0 on success, 1 when the input (or its zero point) exceeds the int16-safe limit (the caller runs another kernel)
+  int run(const std::uint8_t* x, std::uint8_t* y, int rows, int threads) {
+    if (rq_.input_limit < 255 &&
+        (rq_.input_zero > rq_.input_limit || max_byte(x, static_cast<std::size_t>(rows) * k_) > rq_.input_limit)) {
+      return 1;
+    }
+    if (rq_.relu) {
+      return rq_.per_channel ? go<true, QuantizationGranularity::OUT_CHANNEL>(x, y, rows, threads)
+                             : go<true, QuantizationGranularity::TENSOR>(x, y, rows, threads);
+    }
+    return rq_.per_channel ? go<false, QuantizationGranularity::OUT_CHANNEL>(x, y, rows, threads)
+                           : go<false, QuantizationGranularity::TENSOR>(x, y, rows, threads);
+  }
+
+ private:
+  template <bool RELU, QuantizationGranularity G>
+  int go(const std::uint8_t* x, std::uint8_t* y, int rows, int threads) {
+    using Output = fbgemm::ReQuantizeOutput<RELU, G, float, std::uint8_t, std::int32_t>;
+    thread_local std::vector<std::int32_t> scratch;
+    const std::size_t count = static_cast<std::size_t>(rows) * n_;
+    if (scratch.size() < count) scratch.resize(count);
+    std::int32_t* buffer = scratch.data();
+    auto part = [&](int id, int of) {
+      fbgemm::PackAMatrix<std::uint8_t> packed_x(fbgemm::matrix_op_t::NoTranspose, rows, k_, x, k_, nullptr, 1);
+      fbgemm::DoNothing<std::uint8_t, std::uint8_t> done;
+      Output output(done, rq_.multiplier.data(), rq_.output_zero, rq_.input_zero, rq_.weight_zeros.data(), nullptr,
+                    rq_.column_sums.data(), rq_.bias.empty() ? nullptr : rq_.bias.data(), n_, 1,
+                    rq_.input_times_weight.data());
+      fbgemm::fbgemmPacked(packed_x, *packed_, y, buffer, n_, output, id, of);
+    };
+    if (threads <= 1) {
+      part(0, 1);
+    } else {
+#pragma omp parallel num_threads(threads)
+      part(omp_get_thread_num(), omp_get_num_threads());
+    }
+    finish(rq_, y, count);
+    return 0;
+  }
+
+  int k_, n_;
+  Requant rq_;
+  std::unique_ptr<fbgemm::PackBMatrix<std::int8_t>> packed_;
+};
+
 // 1.5 * 2^23: adding it to a float in [-2^22, 2^22] rounds to an integer (half to even) held in the low mantissa
 // bits, so the low byte of the sum's bits is the rounded value (two's complement for negative ones)
 constexpr float kRound = 12582912.0f;
@@ -247,7 +335,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 8; }
+int fxq_abi_version() { return 9; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
@@ -264,30 +352,10 @@ void* fxq_conv_create(int dims, int in_channels, int out_channels, int groups, c
                       const float* w_scale, float in_scale, int in_zero, float out_scale, int out_zero,
                       const float* bias, int relu, int low, int high, int check_7bit, const std::uint8_t* table) {
   try {
-    Requant rq;
     int per_output = in_channels / groups;
     for (int i = 0; i < dims; ++i) per_output *= kernel[i];
-    rq.column_sums.resize(out_channels);
-    for (int o = 0; o < out_channels; ++o) {
-      const std::int8_t* row = weight + static_cast<std::size_t>(o) * per_output;
-      std::int32_t sum = 0;
-      for (int j = 0; j < per_output; ++j) sum += row[j];
-      rq.column_sums[o] = sum;
-    }
-    const int scales = per_channel ? out_channels : 1;
-    rq.weight_zeros.assign(scales, 0);
-    for (int o = 0; o < scales; ++o) {
-      rq.input_times_weight.push_back(in_scale * w_scale[o]);
-      rq.multiplier.push_back(rq.input_times_weight.back() / out_scale);
-    }
-    if (bias != nullptr) rq.bias.assign(bias, bias + out_channels);
-    rq.input_zero = in_zero;
-    rq.output_zero = out_zero;
-    rq.low = low;
-    rq.high = high;
-    rq.relu = relu != 0;
-    rq.per_channel = per_channel != 0;
-    rq.input_limit = check_7bit != 0 ? saturation_free_limit(weight, out_channels, per_output) : 255;
+    Requant rq = make_requant(weight, out_channels, per_output, per_channel, w_scale, in_scale, in_zero, out_scale,
+                              out_zero, bias, relu, low, high, check_7bit);
     if (table != nullptr) rq.table.assign(table, table + 256);
     switch (dims) {
       case 1:
@@ -344,6 +412,32 @@ int fxq_linear_dynamic(void* linear, const float* x, float* y, int rows, float s
 }
 
 void fxq_linear_free(void* linear) { delete static_cast<DynamicLinear*>(linear); }
+
+// A static linear layer (weight (out_features, in_features) int8, symmetric; w_scale one value or one per output
+// feature): y = clamp(quantize(relu?(dequantize(x) @ W^T + bias)), low, high) on uint8 x. check_7bit as for
+// convolutions. Null on failure.
+void* fxq_qlinear_create(int in_features, int out_features, const std::int8_t* weight, int per_channel,
+                         const float* w_scale, float in_scale, int in_zero, float out_scale, int out_zero,
+                         const float* bias, int relu, int low, int high, int check_7bit) {
+  try {
+    return new StaticLinear(in_features, out_features, weight,
+                            make_requant(weight, out_features, in_features, per_channel, w_scale, in_scale, in_zero,
+                                         out_scale, out_zero, bias, relu, low, high, check_7bit));
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// x: (rows, in_features) uint8, y: (rows, out_features) uint8. 0 on success, 1 when check_7bit refused the input.
+int fxq_qlinear_run(void* linear, const std::uint8_t* x, std::uint8_t* y, int rows, int threads) {
+  try {
+    return static_cast<StaticLinear*>(linear)->run(x, y, rows, threads);
+  } catch (...) {
+    return -1;
+  }
+}
+
+void fxq_qlinear_free(void* linear) { delete static_cast<StaticLinear*>(linear); }
 
 // out[i] = round(clamp(a[i] * ka + b[i] * kb + c, low, high)) over n elements of the same layout
 // (a quantized add: ka = sa / so, kb = sb / so, c = zo - za * ka - zb * kb; relu: low = zo)

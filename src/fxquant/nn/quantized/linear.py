@@ -63,7 +63,7 @@ class Linear(QuantizedModuleBase):
                 return run(x, other)  # type: ignore[no-any-return]
         facts = x86.Facts(device=x.device.type, rows=rows, macs=rows * self.in_features * self.out_features,
                           onednn_ok=self._onednn_ok(), input_7bit=self.input_spec.quant_max <= 127,
-                          compiling=compiling)
+                          compiling=compiling, native_ok=self._native_ok() and x.is_cpu)
         kernel = x86.choose("linear", facts)
         if compiling:
             return _STATIC_KERNELS[kernel](self, x, self._other(other), self._act)
@@ -72,6 +72,10 @@ class Linear(QuantizedModuleBase):
             (lambda x, other, fn=_STATIC_KERNELS[kernel]: fn(self, x, self._other(other), self._act))
         self._kernel_cache[(rows, x.is_cpu)] = run
         return run(x, other)  # type: ignore[no-any-return]
+
+    def _native_ok(self) -> bool:
+        """FBGEMM's static kernel fits: onednn's dtypes with a uint8 output, relu or no post-op."""
+        return self._onednn_ok() and self.output_spec.dtype == torch.uint8 and self.post_op in ("none", "relu")
 
     def _act(self) -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
         def build() -> tuple[onednn.ActQParams, onednn.ActQParams, onednn.ActQParams | None]:
@@ -215,8 +219,35 @@ def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     return lambda x, other: uint8.finish(torch.addcmul(b, gemm(x), k), lo, hi, dtype)
 
 
+def _fbgemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """FBGEMM's static int8 GEMM through the native library (:mod:`fxquant.kernels.native`): one ctypes call, the
+    requantization, relu and the output range fused. Input beyond the int16-safe limit on a CPU without VNNI runs
+    the kernel the rules choose without the native library, for that call."""
+    spec = mod.output_spec
+    try:
+        plan: native.StaticLinearPlan | None = native.StaticLinearPlan(
+            mod.weight_int, mod.weight_scale, mod.bias, (float(mod.input_scale), int(mod.input_zero_point)),
+            (float(mod.output_scale), int(mod.output_zero_point)), mod.post_op == "relu", spec.quant_min,
+            spec.quant_max, check_7bit=not x86.cpu_has_vnni())
+    except RuntimeError:
+        plan = None
+    fallback: dict[int, Callable[[torch.Tensor, Any], torch.Tensor]] = {}
+
+    def run(x: torch.Tensor, other: Any) -> torch.Tensor:
+        y = None if plan is None else plan(x)
+        if y is not None:
+            return y
+        rows = x.numel() // max(mod.in_features, 1)
+        if rows not in fallback:
+            facts = x86.Facts(rows=rows, macs=rows * mod.in_features * mod.out_features, onednn_ok=mod._onednn_ok(),
+                              input_7bit=mod.input_spec.quant_max <= 127)
+            fallback[rows] = _PLANS[x86.choose("linear", facts)](mod)
+        return fallback[rows](x, other)
+    return run
+
+
 _PLANS: dict[str, Callable[[Linear], Callable[[torch.Tensor, Any], torch.Tensor]]] = {
-    "onednn": _onednn_plan, "float": _float_plan, "fp16_gemm": _fp16_gemm_plan}
+    "onednn": _onednn_plan, "float": _float_plan, "fp16_gemm": _fp16_gemm_plan, "fbgemm": _fbgemm_plan}
 _PLANNED_POST_OPS = frozenset({"none", "relu"})
 
 
