@@ -202,7 +202,8 @@ def bench_gate(repeats: int) -> None:
 
 def bench_native(repeats: int) -> None:
     """The native FBGEMM kernels (fxquant.kernels.native) against the kernels the rules used before them: convs
-    at the sizes of small CNNs (the fbgemm plan forced, 7-bit input) vs onednn and the folded float plan; dynamic
+    at the sizes of small CNNs (the fbgemm plan forced, 7-bit input) vs onednn and the folded float plan; static
+    linear vs onednn, the folded float plan and the fp16 GEMM; dynamic
     linear vs onednn with aten's run-time quantization; the one-pass Quantize (float -> uint8; "fp32" here is a
     copy of the input), add and gate product vs aten; the dynamic LSTM's native recurrence vs its aten form."""
     if not native.available():
@@ -222,6 +223,19 @@ def bench_native(repeats: int) -> None:
         fns: dict[str, Callable[[], object]] = {"fp32": lambda: conv(x_cl)}
         fns.update({name: functools.partial(plan, qx, None) for name, plan in plans.items()})
         report_all("conv2d", f"N={n} C={cin}->{cout} HW={hw} k={ks} g={groups}", compare_us(fns, repeats))
+    # static linear (7-bit input, full-scale per-channel weights): the native plan vs the plans the rules had
+    for m, k, n in [(4, 8, 16), (1, 512, 1000), (16, 512, 1000), (8, 768, 3072), (128, 768, 768)]:
+        lin = nn.Linear(k, n)
+        scale = lin.weight.detach().abs().amax(dim=1) / 127
+        mod = Q.Linear.from_reference(R.Linear.from_float(lin, {
+            "qscheme": torch.per_channel_affine, "dtype": torch.int8, "scale": scale,
+            "zero_point": torch.zeros(n, dtype=torch.long), "axis": 0}), 0.02, 60, 0.05, 64, input_quant_max=127,
+            output_quant_max=127)
+        qx, xf = torch.randint(0, 128, (m, k), dtype=torch.uint8), torch.randn(m, k)
+        plans = {name: linear_mod._PLANS[name](mod) for name in ("fbgemm", "onednn", "float", "fp16_gemm")}
+        fns = {"fp32": lambda: lin(xf)}
+        fns.update({name: functools.partial(plan, qx, None) for name, plan in plans.items()})
+        report_all("linear", f"M={m} K={k} N={n}", compare_us(fns, repeats))
     for m, k, n in [(1, 768, 768), (16, 512, 512), (128, 768, 768), (128, 768, 3072), (1, 4096, 4096)]:
         lin = nn.Linear(k, n)
         qw, ws = _qweight(n, k)

@@ -6,9 +6,10 @@ Static ``Linear`` replaces ``dequantize -> reference Linear -> [relu | gelu | ad
                               output_dtype=torch.uint8, post_op="relu")
     y_q = q(x_q)            # x_q: uint8 tensor quantized with (input_scale, input_zero_point)
 
-Kernels (chosen per call from ``fxquant.kernels.x86.RULES``): onednn ``qlinear_pointwise`` with a lazily
-prepacked weight, the exact split variant for full-range uint8 input on CPUs without VNNI, or the float path
-(dequantize -> F.linear -> quantize) that runs anywhere and under ``torch.export``.
+Kernels (chosen per call from ``fxquant.kernels.x86.RULES``): FBGEMM's static int8 GEMM through the native
+library (uint8 output, relu or no post-op), onednn ``qlinear_pointwise`` with a lazily prepacked weight, the exact
+split variant for full-range uint8 input on CPUs without VNNI, the fp16 GEMM on the weight's integers, or the
+float path (dequantize -> F.linear -> quantize) that runs anywhere and under ``torch.export``.
 """
 from __future__ import annotations
 
