@@ -253,3 +253,16 @@ def test_recurrence_checks_its_arguments():
         native.rnn_recurrence(plan, False, gx.double(), 0, sizes, False, h, c, out, 0, 0, 127)
     with pytest.raises(ValueError, match="shapes"):  # a GRU has 3 gates: this plan has 4 x 16 outputs
         native.rnn_recurrence(plan, True, gx, 0, sizes, False, h, None, out, 0, 0, 127)
+
+
+@needs_native
+def test_packed_batches_of_many_lengths_do_not_grow_the_kernel_cache():
+    _, dyn = _build("lstm", "native", input_size=4, hidden_size=8, num_layers=1)
+    g = torch.Generator().manual_seed(6)
+    sizes = []
+    with torch.no_grad():
+        for length in range(3, 12):
+            x = torch.randn(length, 3, 4, generator=g)
+            dyn(pack_padded_sequence(x, torch.tensor([length, max(1, length - 2), 1])))
+            sizes.append(len(dyn._kernel_cache))
+    assert sizes[-1] == sizes[0], sizes

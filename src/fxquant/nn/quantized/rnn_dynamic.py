@@ -190,7 +190,11 @@ class _DynamicRNN(WeightCache):
         scale, zp = dynamic.affine_qparams(float(lo), float(hi), self.quant_min, self.quant_max)
         gx = ih(x, scale, zp)
         out = torch.empty(x.shape[0], directions * hidden)
-        sizes_t = self._cached(("sizes", tuple(sizes)), lambda: torch.tensor(sizes, dtype=torch.int32))
+        key = tuple(sizes)  # (the last call's step sizes only: packed batches vary in length)
+        last = self._kernel_cache.get("sizes")
+        if last is None or last[0] != key:
+            last = self._kernel_cache["sizes"] = (key, torch.tensor(sizes, dtype=torch.int32))
+        sizes_t = last[1]
         finals: list[_State] = []
         threads = torch.get_num_threads() if sizes[0] * gates * hidden * hidden >= 2 ** 20 else 1
         for d, (h0, c0) in enumerate(states):
@@ -208,9 +212,7 @@ class _DynamicRNN(WeightCache):
         bias = [self._bias(n) for n in biases]
         w = torch.cat([p[0] for p in parts]).contiguous()
         b = None if bias[0] is None else torch.cat(bias)  # type: ignore[arg-type]
-        scale = torch.cat([p[1] for p in parts]).contiguous()
-        if scale.numel() == 1:
-            scale = scale.expand(w.shape[0]).contiguous()
+        scale = torch.cat([p[1] for p in parts]).contiguous()  # (one per output row: directions may differ)
         return native.DynamicLinearPlan(w, scale, b, relu=False)
 
     # --------------------------------------------------------------------------------------------------- aten
