@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -310,6 +311,17 @@ class ConvPlan(_Handle):
         return rc == 0
 
 
+def _linear_arguments(plan: Any, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+                      ) -> tuple[ctypes.CDLL, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The library and the C-ready (contiguous, float32) weight, scales and bias of a linear plan; sets its sizes."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {status()}")
+    plan.out_features, plan.in_features = int(weight.shape[0]), int(weight.shape[1])
+    b = None if bias is None else bias.detach().float().contiguous()
+    return lib, weight.contiguous(), w_scale.detach().float().reshape(-1).contiguous(), b
+
+
 class DynamicLinearPlan(_Handle):
     """FBGEMM's dynamic linear (torch.ao's kernel for dynamic quantization on x86) with the weight packed once.
 
@@ -320,13 +332,7 @@ class DynamicLinearPlan(_Handle):
     """
 
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> None:
-        lib = _library()
-        if lib is None:
-            raise RuntimeError(f"native kernels unavailable: {status()}")
-        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        w = weight.contiguous()
-        scales = w_scale.detach().float().reshape(-1).contiguous()
-        b = None if bias is None else bias.detach().float().contiguous()
+        lib, w, scales, b = _linear_arguments(self, weight, w_scale, bias)
         handle = lib.fxq_linear_create(self.in_features, self.out_features, w.data_ptr(), int(scales.numel() > 1),
                                        scales.data_ptr(), None if b is None else b.data_ptr(), int(relu))
         if not handle:
@@ -356,13 +362,7 @@ class StaticLinearPlan(_Handle):
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_qparams: tuple[float, int], output_qparams: tuple[float, int], relu: bool, low: int,
                  high: int, check_7bit: bool = True) -> None:
-        lib = _library()
-        if lib is None:
-            raise RuntimeError(f"native kernels unavailable: {status()}")
-        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        w = weight.contiguous()
-        scales = w_scale.detach().float().reshape(-1).contiguous()
-        b = None if bias is None else bias.detach().float().contiguous()
+        lib, w, scales, b = _linear_arguments(self, weight, w_scale, bias)
         handle = lib.fxq_qlinear_create(self.in_features, self.out_features, w.data_ptr(), int(scales.numel() > 1),
                                         scales.data_ptr(), float(input_qparams[0]), int(input_qparams[1]),
                                         float(output_qparams[0]), int(output_qparams[1]),

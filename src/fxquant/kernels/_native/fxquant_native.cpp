@@ -46,6 +46,8 @@ struct Requant {
   // 32767 / (the largest sum of two same-signed weights of one output channel); 255 = no check
   int input_limit = 255;
   std::vector<std::uint8_t> table;  // 256 entries applied to the result (an activation after the conv), or empty
+
+  bool refuses(const std::uint8_t* x, std::size_t count) const;
 };
 
 // the largest byte (vectorized)
@@ -53,6 +55,34 @@ __attribute__((target_clones("avx2", "default"))) std::uint8_t max_byte(const st
   std::uint8_t m = 0;
   for (std::size_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
+}
+
+// The input (count bytes) could saturate FBGEMM's int16 pair sums: above the limit, or a zero point above it (the
+// zero point pads convolution images)
+bool Requant::refuses(const std::uint8_t* x, std::size_t count) const {
+  return input_limit < 255 && (input_zero > input_limit || max_byte(x, count) > input_limit);
+}
+
+// part(thread id, thread count) on `threads` OpenMP threads (FBGEMM splits its work by those two numbers)
+template <typename F>
+void on_threads(int threads, F&& part) {
+  if (threads <= 1) {
+    part(0, 1);
+  } else {
+#pragma omp parallel num_threads(threads)
+    part(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+
+// Calls f.operator()<RELU, granularity>() for the requantization's relu and weight-scale granularity
+template <typename F>
+int dispatch(const Requant& rq, F&& f) {
+  if (rq.relu) {
+    return rq.per_channel ? f.template operator()<true, QuantizationGranularity::OUT_CHANNEL>()
+                          : f.template operator()<true, QuantizationGranularity::TENSOR>();
+  }
+  return rq.per_channel ? f.template operator()<false, QuantizationGranularity::OUT_CHANNEL>()
+                        : f.template operator()<false, QuantizationGranularity::TENSOR>();
 }
 
 // 32767 / the largest sum of two same-signed weights within one output channel (at least 127, at most 255)
@@ -143,18 +173,10 @@ class PackedConvolution final : public Convolution {
 
   int run(const std::uint8_t* x, std::uint8_t* y, int batch, const int* image, int threads) override {
     const auto p = params(batch, first<D>(image));
-    if (rq_.input_limit < 255) {
-      std::size_t count = static_cast<std::size_t>(batch) * in_channels_;
-      for (int i = 0; i < D; ++i) count *= static_cast<std::size_t>(image[i]);
-      // (the zero point pads the image: above the limit it could saturate as well)
-      if (rq_.input_zero > rq_.input_limit || max_byte(x, count) > rq_.input_limit) return 1;
-    }
-    if (rq_.relu) {
-      return rq_.per_channel ? go<true, QuantizationGranularity::OUT_CHANNEL>(p, x, y, threads)
-                             : go<true, QuantizationGranularity::TENSOR>(p, x, y, threads);
-    }
-    return rq_.per_channel ? go<false, QuantizationGranularity::OUT_CHANNEL>(p, x, y, threads)
-                           : go<false, QuantizationGranularity::TENSOR>(p, x, y, threads);
+    std::size_t count = static_cast<std::size_t>(batch) * in_channels_;
+    for (int i = 0; i < D; ++i) count *= static_cast<std::size_t>(image[i]);
+    if (rq_.refuses(x, count)) return 1;
+    return dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(p, x, y, threads); });
   }
 
  private:
@@ -247,12 +269,7 @@ class DynamicLinear {
                                                  bias_.empty() ? nullptr : bias_.data(), n_);
       fbgemm::fbgemmPacked(packed_x, *packed_, y, buffer, n_, output, id, of);
     };
-    if (threads <= 1) {
-      part(0, 1);
-    } else {
-#pragma omp parallel num_threads(threads)
-      part(omp_get_thread_num(), omp_get_num_threads());
-    }
+    on_threads(threads, part);
     return 0;
   }
 
@@ -275,16 +292,8 @@ class StaticLinear {
 
   // 0 on success, 1 when the input (or its zero point) exceeds the int16-safe limit (the caller runs another kernel)
   int run(const std::uint8_t* x, std::uint8_t* y, int rows, int threads) {
-    if (rq_.input_limit < 255 &&
-        (rq_.input_zero > rq_.input_limit || max_byte(x, static_cast<std::size_t>(rows) * k_) > rq_.input_limit)) {
-      return 1;
-    }
-    if (rq_.relu) {
-      return rq_.per_channel ? go<true, QuantizationGranularity::OUT_CHANNEL>(x, y, rows, threads)
-                             : go<true, QuantizationGranularity::TENSOR>(x, y, rows, threads);
-    }
-    return rq_.per_channel ? go<false, QuantizationGranularity::OUT_CHANNEL>(x, y, rows, threads)
-                           : go<false, QuantizationGranularity::TENSOR>(x, y, rows, threads);
+    if (rq_.refuses(x, static_cast<std::size_t>(rows) * k_)) return 1;
+    return dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(x, y, rows, threads); });
   }
 
  private:
@@ -303,12 +312,7 @@ class StaticLinear {
                     rq_.input_times_weight.data());
       fbgemm::fbgemmPacked(packed_x, *packed_, y, buffer, n_, output, id, of);
     };
-    if (threads <= 1) {
-      part(0, 1);
-    } else {
-#pragma omp parallel num_threads(threads)
-      part(omp_get_thread_num(), omp_get_num_threads());
-    }
+    on_threads(threads, part);
     finish(rq_, y, count);
     return 0;
   }
