@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add", "mul_gate",
-           "mean_requantize", "quantize", "rnn_recurrence", "SOURCE"]
+__all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add",
+           "mul_gate", "mean_requantize", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 EXTRA_SOURCES = (SOURCE.with_name("fxquant_rnn.cpp"),)  # built into the same library

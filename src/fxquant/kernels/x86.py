@@ -178,10 +178,11 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("float"),
     ),
     # a dynamic LSTM / GRU (torch.ao's numerics): FBGEMM's dynamic GEMM for the input projection and inside a native
-    # loop over the steps; else the same arithmetic step by step in aten ops (bench_convert.py: lstm_classifier)
+    # loop over the steps; else (eager) the reference's float recurrence, since the int8 arithmetic step by step in
+    # aten ops -- what torch.export traces -- costs 3-30x fp32 (bench_kernels.py --only native, lstm_dynamic rows)
     "rnn_dynamic": (
         Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True}),
-        Rule("aten"),
+        Rule("float"),
     ),
     "linear_weight_only": (
         # float16 weights: fp32's F.linear on a cached float32 copy, or fbgemm's fp16 GEMM reading the float16

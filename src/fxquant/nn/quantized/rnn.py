@@ -10,6 +10,7 @@ to :mod:`fxquant.nn.quantized.rnn_dynamic` instead: torch.ao's converted numeric
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,13 @@ class WeightCache:
         if "flat" not in cache:
             cache["flat"] = [None if w is None else w.detach() for w in super().get_flat_weights()]  # type: ignore
         return cache["flat"]  # type: ignore[no-any-return]
+
+    def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key until the cache is dropped (load / copy / pickle)."""
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
     def _load_from_state_dict(self, *args: Any) -> None:
         self.__dict__["_kernel_cache"] = {}

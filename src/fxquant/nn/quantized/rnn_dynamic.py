@@ -20,7 +20,7 @@ the dequantized weights -- since the step-by-step aten form costs 3-30x fp32's t
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,11 @@ from fxquant.nn.quantized.rnn import WeightCache
 __all__ = ["DynamicLSTM", "DynamicGRU", "supports"]
 
 _State = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _suffix(layer: int, direction: int) -> str:
+    """The parameter-name suffix of one layer and direction (``_l1``, ``_l1_reverse``), as in ``nn.LSTM``."""
+    return f"_l{layer}" + ("_reverse" if direction else "")
 
 
 def supports(module: Any) -> str:
@@ -162,12 +167,6 @@ class _DynamicRNN(WeightCache):
             fq = PackedSequence(fq, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         return self._REF.forward(self, fq, hx)  # type: ignore[attr-defined, no-any-return]
 
-    def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
-        cache = self._kernel_cache
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
     def _weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 weight and one float scale per output row."""
         w = getattr(self, name + "_int")
@@ -183,8 +182,8 @@ class _DynamicRNN(WeightCache):
         m: Any = self
         hidden, gates, directions = m.hidden_size, self._GATES, len(states)
         ih = self._cached(("ih", layer), lambda: self._plan(
-            [f"weight_ih_l{layer}" + ("_reverse" if d else "") for d in range(directions)],
-            [f"bias_ih_l{layer}" + ("_reverse" if d else "") for d in range(directions)]))
+            [f"weight_ih{_suffix(layer, d)}" for d in range(directions)],
+            [f"bias_ih{_suffix(layer, d)}" for d in range(directions)]))
         x = x.contiguous()
         lo, hi = torch.aminmax(x)
         scale, zp = dynamic.affine_qparams(float(lo), float(hi), self.quant_min, self.quant_max)
@@ -198,7 +197,7 @@ class _DynamicRNN(WeightCache):
         finals: list[_State] = []
         threads = torch.get_num_threads() if sizes[0] * gates * hidden * hidden >= 2 ** 20 else 1
         for d, (h0, c0) in enumerate(states):
-            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            suffix = _suffix(layer, d)
             hh = self._cached(("hh", layer, d), lambda: self._plan([f"weight_hh{suffix}"], [f"bias_hh{suffix}"]))
             h = h0.float().contiguous().clone()
             c = None if c0 is None else c0.float().contiguous().clone()
@@ -233,7 +232,7 @@ class _DynamicRNN(WeightCache):
             starts.append(starts[-1] + s)
         outs, finals = [], []
         for d, (h, c) in enumerate(states):
-            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            suffix = _suffix(layer, d)
             gx = self._int_linear(x, "weight_ih" + suffix, "bias_ih" + suffix)
             steps: list[torch.Tensor] = [x.new_empty(0)] * len(sizes)
             order = range(len(sizes) - 1, -1, -1) if d else range(len(sizes))
