@@ -162,22 +162,28 @@ def bench_conv(repeats: int) -> None:
 
 
 def bench_embedding(repeats: int) -> None:
-    """fxquant.nn.quantized.EmbeddingBag (8-bit and 4-bit rows) against float F.embedding_bag."""
-    for rows, dim, batch, bag in [(100_000, 64, 512, 20), (10_000, 256, 128, 10)]:
+    """fxquant.nn.quantized.EmbeddingBag (8-bit and 4-bit rows) against float F.embedding_bag, with each kernel of the
+    "embedding" rules forced: native (one fused pass), cached_float (fp32's kernel on a cached dequantized table,
+    8-bit only here) and gather (dequantize the looked-up rows with aten ops)."""
+    for rows, dim, batch, bag in [(100_000, 64, 1, 10), (100_000, 64, 16, 10), (100_000, 64, 512, 20),
+                                  (10_000, 256, 128, 10), (200, 16, 4, 3)]:
         float_bag = nn.EmbeddingBag(rows, dim, mode="sum")
         idx = torch.randint(0, rows, (batch, bag))
-        fp32 = median_us(lambda: float_bag(idx), repeats)
-        cands = {}
-        for qmax, name in ((255, "uint8_rows"), (15, "uint4_rows")):
+        fns: dict[str, Callable[[], object]] = {"fp32": lambda: float_bag(idx)}
+        for qmax, name in ((255, "u8"), (15, "u4")):
             w = float_bag.weight.detach()
             lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
             scale = (hi - lo) / qmax
             ref = R.EmbeddingBag.from_float(float_bag, {"qscheme": torch.per_channel_affine_float_qparams,
                                                         "dtype": torch.uint8 if qmax == 255 else QUINT4X2,
                                                         "scale": scale, "zero_point": -lo / scale, "axis": 0})
-            mod = Q.EmbeddingBag.from_reference(ref)
-            cands[name] = median_us(lambda: mod(idx), repeats)
-        report("embed_bag", f"rows={rows} dim={dim} B={batch}x{bag}", fp32, cands)
+            for kernel in ("native", "cached_float", "gather") if qmax == 255 else ("native", "gather"):
+                if kernel == "native" and not native.available():
+                    continue
+                mod = Q.EmbeddingBag.from_reference(ref)
+                mod.__dict__["_kernel_cache"] = {"kernel": kernel}  # forced
+                fns[f"{name}_{kernel}"] = functools.partial(mod, idx)
+        report_all("embed_bag", f"rows={rows} dim={dim} B={batch}x{bag}", compare_us(fns, repeats))
 
 
 def bench_gate(repeats: int) -> None:

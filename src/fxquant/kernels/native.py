@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add",
-           "mul_gate", "mean_requantize", "quantize", "rnn_recurrence", "SOURCE"]
+           "mul_gate", "mean_requantize", "EmbeddingTable", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-EXTRA_SOURCES = (SOURCE.with_name("fxquant_rnn.cpp"),)  # built into the same library
-_ABI_VERSION = 9
+EXTRA_SOURCES = (SOURCE.with_name("fxquant_rnn.cpp"), SOURCE.with_name("fxquant_embedding.cpp"))  # built into the same library
+_ABI_VERSION = 10
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -127,6 +127,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_qlinear_free.argtypes = [p]
     lib.fxq_rnn_run.restype = i
     lib.fxq_rnn_run.argtypes = [p, i, p, i64, p, i, i, i, p, p, p, i64, i, i, i]
+    lib.fxq_embedding_bag.restype = i
+    lib.fxq_embedding_bag.argtypes = [p, p, p, i64, i64, i, p, i64, p, i64, i64, i64, i, p, i64, p, i]
 
 
 def _load() -> ctypes.CDLL:
@@ -420,6 +422,87 @@ def rnn_recurrence(hh: DynamicLinearPlan, gru: bool, gx: torch.Tensor, gx_column
                          out.data_ptr() + 4 * out_column, out.shape[1], quant_min, quant_max, threads)
     if rc != 0:
         raise RuntimeError(f"native RNN recurrence failed (status {rc})")
+
+
+EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _long(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+class EmbeddingTable:
+    """``F.embedding_bag`` over a table of uint8 rows (``bits`` 8, or 4: two values per byte, low nibble first)
+    dequantized as ``(q - zero_point) * scale`` with float32 ``scale`` / ``zero_point`` per row, in one pass over
+    the looked-up rows only (a quarter / an eighth of fp32's bytes per row). Holds the three tensors (so their
+    buffers stay valid) and their addresses; :meth:`holds` tells whether it still matches a module's buffers."""
+
+    def __init__(self, table: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dim: int,
+                 bits: int) -> None:
+        lib = _library()
+        assert lib is not None, status()
+        width = (dim + 1) // 2 if bits == 4 else dim
+        if table.dtype != torch.uint8 or table.dim() != 2 or table.shape[1] != width or not table.is_contiguous():
+            raise ValueError(f"EmbeddingTable: table must be contiguous uint8 (rows, {width}) for dim {dim} at "
+                             f"{bits} bits; got {table.dtype} {tuple(table.shape)}")
+        for name, t in (("scale", scale), ("zero_point", zero_point)):
+            if t.dtype != torch.float32 or t.shape != (table.shape[0],) or not t.is_contiguous():
+                raise ValueError(f"EmbeddingTable: {name} must be contiguous float32 ({table.shape[0]},)")
+        self._run = lib.fxq_embedding_bag
+        self.tensors = (table, scale, zero_point)
+        self.rows, self.dim, self.bits = int(table.shape[0]), dim, bits
+        self._head = (table.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), self.rows, dim, bits)
+
+    def holds(self, table: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
+        """Whether this plan was built on these very tensors (buffers replaced since need a new plan)."""
+        mine = self.tensors
+        return mine[0] is table and mine[1] is scale and mine[2] is zero_point
+
+    def __call__(self, indices: torch.Tensor, offsets: torch.Tensor | None, mode: str,
+                 include_last_offset: bool = False, per_sample_weights: torch.Tensor | None = None,
+                 padding_idx: int | None = None) -> torch.Tensor | None:
+        """``indices``: 1-d with ``offsets``, or 2-d (one bag per row) without; int32 or int64. Raises IndexError
+        for an index outside the table and ValueError for bad offsets. Returns None (run ``F.embedding_bag``
+        instead) for ``include_last_offset`` with a last offset short of the indices' end, which aten reduces
+        inconsistently between modes."""
+        if indices.dim() == 2:
+            if offsets is not None:
+                raise ValueError("embedding_bag: offsets must be None for 2-d indices (each row is one bag)")
+            n_bags, bag_len, n_offsets = int(indices.shape[0]), int(indices.shape[1]), 0
+        elif indices.dim() == 1 and offsets is not None and offsets.dim() == 1:
+            offsets = _long(offsets)
+            n_offsets = offsets.numel()
+            n_bags, bag_len = max(n_offsets - int(include_last_offset), 0), 0
+        else:
+            raise ValueError(f"embedding_bag: indices must be 2-d, or 1-d with 1-d offsets; got indices of shape "
+                             f"{tuple(indices.shape)} and offsets "
+                             f"{None if offsets is None else tuple(offsets.shape)}")
+        indices = _long(indices)
+        weights = None
+        if per_sample_weights is not None:
+            if mode != "sum":
+                raise ValueError(f"embedding_bag: per_sample_weights need mode='sum' (got {mode!r})")
+            weights = per_sample_weights.to(torch.float32).reshape(-1).contiguous()
+            if weights.numel() != indices.numel():
+                raise ValueError(f"embedding_bag: per_sample_weights has {weights.numel()} values for "
+                                 f"{indices.numel()} indices")
+        out = torch.empty((n_bags, self.dim), dtype=torch.float32)
+        rc = self._run(*self._head, indices.data_ptr(), indices.numel(),
+                       None if offsets is None else offsets.data_ptr(), n_offsets, n_bags, bag_len,
+                       EMBEDDING_BAG_MODES[mode], None if weights is None else weights.data_ptr(),
+                       -1 if padding_idx is None else padding_idx % self.rows, out.data_ptr(),
+                       torch.get_num_threads())
+        if rc == 0:
+            return out
+        if rc == 4:
+            return None
+        if rc == 1:
+            raise IndexError(f"embedding_bag: an index is outside the table's {self.rows} rows "
+                             f"(min {int(indices.min())}, max {int(indices.max())})")
+        if rc == 2:
+            raise ValueError("embedding_bag: offsets must start at or above 0, never decrease, and stay within the "
+                             f"{indices.numel()} indices")
+        raise RuntimeError(f"native embedding_bag failed (status {rc}; bits {self.bits}, mode {mode!r})")
 
 
 def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, c: float, low: int, high: int) -> torch.Tensor:

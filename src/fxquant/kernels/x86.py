@@ -24,8 +24,10 @@ weight-only linear         dequantize per call 0.05-0.4x, aten._weight_int8pack_
 conv2d 3x3 / 1x1 (7-bit)   onednn 1.1-9x (channels-last); float path 0.6-1.3x
 conv2d, full-range input   split: 1x1 2.5x, 3x3 0.6-0.9x (float path 0.6-0.9x) -> split only for 1x1 convs
 depthwise conv2d           onednn 0.66-1.26x, float path 0.41x -> onednn
-embedding / embedding bag  gather + dequantize rows: 3-6 aten ops per call vs 1 for fp32 -> a cached float table
-                           (exact: the same dequantization) while it fits max_table_bytes
+embedding / embedding bag  native one pass (gather, dequantize, reduce; exact) 1.06-1.9x fp32 (B=1x10 to 512x20,
+                           dim 16-256, 8 and 4 bits); a cached float table 1.2-1.7x but 4x the int8 table's memory;
+                           gather + dequantize rows with aten ops 0.2-0.55x -> native, else the cached table while it
+                           fits max_table_bytes
 small convs / linears      onednn's int8 ops build their primitive descriptor on every call: ~75 us at any size
 (fxquant lowering, 2026)   on this CPU (oneDNN verbose: create ~40 us, execute 6-10 us for an 8x8x16 3x3 conv).
                            Below ~2^18 MACs a float conv with the qparams folded into weight and bias (4 aten ops)
@@ -209,9 +211,11 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("onednn_depthwise", {**_EAGER_CPU, "min_macs": 2**18}),
         Rule("float"),
     ),
-    # embedding lookups: a cached float table is fp32's own kernel (one gather, no dequantize per call); it costs
-    # 4x the int8 table's memory, so only below max_table_bytes; else gather int8 rows and dequantize them
+    # embedding lookups: the native kernel reads only the int8 rows looked up; without it a cached float table is
+    # fp32's own kernel (one gather, no dequantize per call) but costs 4x the int8 table's memory, so only below
+    # max_table_bytes; else gather int8 rows and dequantize them
     "embedding": (
+        Rule("native", {"compiling": False, "device": "cpu", "native": True}),
         Rule("cached_float", {"compiling": False, "max_table_bytes": 64 * 2**20}),
         Rule("gather"),
     ),

@@ -3,7 +3,9 @@
 Built from a reference module whose table is quantized per row (``per_channel_affine_float_qparams`` axis 0, or
 ``per_channel_affine``): ``Embedding.from_reference(ref)``. A 0..15 table (torch.ao's ``quint4x2``) is packed two
 values per byte (low nibble = even column). The forward gathers the requested rows, dequantizes only those
-(``(q - zero_point) * scale``, the reference math) and, for bags, reduces them with ``F.embedding_bag``.
+(``(q - zero_point) * scale``, the reference math) and, for bags, reduces them -- in one pass of the native kernel
+(``fxquant.kernels.native.embedding_bag``: a quarter of fp32's bytes per row, no float copy of the table), else
+with ``F.embedding_bag`` on the gathered rows or on a cached float table (the kernel rules in ``kernels/x86.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.kernels import x86
+from fxquant.kernels import native, x86
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
@@ -55,17 +57,39 @@ class _QuantizedEmbeddingBase(nn.Module):
         spec = getattr(ref, "_weight_specs", {}).get("weight")
         return 4 if spec is not None and spec.dtype == torch.uint8 and spec.quant_max == 15 else 8
 
-    def float_table(self) -> torch.Tensor | None:
-        """The whole dequantized table, cached, when the kernel rules pick that (small tables, eager mode)."""
+    def kernel(self) -> str:
+        """The kernel rules' choice for this table (cached; plain aten ops while compiling / exporting):
+        ``"native"`` (one fused gather-dequantize-reduce pass), ``"cached_float"`` or ``"gather"``."""
         if torch.compiler.is_compiling():
-            return None
+            return "gather"
         cache = self.__dict__.setdefault("_kernel_cache", {})
+        if "kernel" not in cache:
+            packed = self.weight_packed
+            facts = x86.Facts(device=packed.device.type, table_bytes=4 * self.num_embeddings * self.embedding_dim,
+                              native_ok=packed.is_contiguous() and self.weight_scale.dtype == torch.float32
+                              and self.weight_zero_point.dtype == torch.float32)
+            cache["kernel"] = x86.choose("embedding", facts)
+        return cache["kernel"]  # type: ignore[no-any-return]
+
+    def float_table(self) -> torch.Tensor | None:
+        """The whole dequantized table, cached, when the kernel rules pick that (eager mode, no native kernels,
+        small tables)."""
+        if self.kernel() != "cached_float":
+            return None
+        cache = self.__dict__["_kernel_cache"]
         if "table" not in cache:
-            facts = x86.Facts(device=self.weight_packed.device.type,
-                              table_bytes=4 * self.num_embeddings * self.embedding_dim)
-            cache["table"] = self.rows(torch.arange(self.num_embeddings, device=self.weight_packed.device)) \
-                if x86.choose("embedding", facts) == "cached_float" else None
+            cache["table"] = self.rows(torch.arange(self.num_embeddings, device=self.weight_packed.device))
         return cache["table"]  # type: ignore[no-any-return]
+
+    def _native_bags(self, indices: torch.Tensor, offsets: torch.Tensor | None, mode: str,
+                     include_last_offset: bool = False, per_sample_weights: torch.Tensor | None = None,
+                     padding_idx: int | None = None) -> torch.Tensor | None:
+        buffers, cache = self._buffers, self.__dict__["_kernel_cache"]
+        table, scale, zero_point = buffers["weight_packed"], buffers["weight_scale"], buffers["weight_zero_point"]
+        plan = cache.get("native")
+        if plan is None or not plan.holds(table, scale, zero_point):  # built once; again if a buffer is replaced
+            plan = cache["native"] = native.EmbeddingTable(table, scale, zero_point, self.embedding_dim, self.bits)
+        return plan(indices, offsets, mode, include_last_offset, per_sample_weights, padding_idx)  # type: ignore
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -121,6 +145,10 @@ class Embedding(_QuantizedEmbeddingBase):
         return mod
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.kernel() == "native":  # each index its own bag of one
+            out = self._native_bags(indices.reshape(-1, 1), None, "sum")
+            assert out is not None
+            return out.reshape(*indices.shape, self.embedding_dim)
         table = self.float_table()
         return self.rows(indices) if table is None else F.embedding(indices, table)
 
@@ -146,6 +174,11 @@ class EmbeddingBag(_QuantizedEmbeddingBase):
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel() == "native":
+            out = self._native_bags(input, offsets, self.mode, self.include_last_offset, per_sample_weights,
+                                    self.padding_idx)
+            if out is not None:
+                return out
         table = self.float_table()
         if table is not None:
             return F.embedding_bag(input, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
