@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add",
-           "mul_gate", "mean_requantize", "EmbeddingTable", "quantize", "rnn_recurrence", "SOURCE"]
+           "mul_gate", "mean_requantize", "EmbeddingTable", "max_pool2d", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-EXTRA_SOURCES = (SOURCE.with_name("fxquant_rnn.cpp"), SOURCE.with_name("fxquant_embedding.cpp"))  # built into the same library
-_ABI_VERSION = 10
+EXTRA_SOURCES = tuple(SOURCE.with_name(f"fxquant_{name}.cpp") for name in ("rnn", "embedding", "pool"))  # built into the same library
+_ABI_VERSION = 11
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -129,6 +129,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_rnn_run.argtypes = [p, i, p, i64, p, i, i, i, p, p, p, i64, i, i, i]
     lib.fxq_embedding_bag.restype = i
     lib.fxq_embedding_bag.argtypes = [p, p, p, i64, i64, i, p, i64, p, i64, i64, i64, i, p, i64, p, i]
+    lib.fxq_max_pool2d_8bit.restype = None
+    lib.fxq_max_pool2d_8bit.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i, i, i, i, i, i, i, i, i, i]
 
 
 def _load() -> ctypes.CDLL:
@@ -503,6 +505,35 @@ class EmbeddingTable:
             raise ValueError("embedding_bag: offsets must start at or above 0, never decrease, and stay within the "
                              f"{indices.numel()} indices")
         raise RuntimeError(f"native embedding_bag failed (status {rc}; bits {self.bits}, mode {mode!r})")
+
+
+def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """aten's pooled output size (``pooling_output_shape``)."""
+    span = size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)
+    out = span // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def max_pool2d(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], ceil_mode: bool) -> torch.Tensor | None:
+    """``F.max_pool2d`` of a channels-last uint8 / int8 image (N, C, H, W) in one pass (two ints per argument),
+    channels-last out; None (run aten's kernel, which reports the error) for arguments aten rejects."""
+    lib = _library()
+    assert lib is not None
+    n, c, h, w = (int(v) for v in x.shape)
+    ok = all(k > 0 and s > 0 and d > 0 and 0 <= p <= k // 2 for k, s, p, d in zip(kernel, stride, padding, dilation))
+    if not ok:
+        return None
+    out_h, out_w = (_pool_size(size, k, s, p, d, ceil_mode)
+                    for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    if out_h <= 0 or out_w <= 0:
+        return None
+    out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
+    lib.fxq_max_pool2d_8bit(x.data_ptr(), out.data_ptr(), n, c, h, w, out_h, out_w, *kernel, *stride, *padding,
+                            *dilation, int(x.dtype == torch.int8), torch.get_num_threads())
+    return out
 
 
 def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, c: float, low: int, high: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fxquant.kernels import native
+
 __all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "folds_exactly", "STEPS_LIMIT",
            "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d", "max_pool2d", "max_pool3d",
            "interpolate", "offset", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
@@ -197,17 +199,33 @@ def binary_consts(op: str, a_qp: tuple[float, int], b_qp: tuple[float, int], out
 def max_pool2d(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``F.max_pool2d`` for integer tensors in any layout (same arguments).
 
-    torch 2.13's channels-last kernel rejects uint8 / int8 images above 255 elements (its index type is the
-    element type); its int16 / int32 kernels are fine and vectorized, so channels-last integer input goes through
-    them.
+    Channels-last input runs the native one-pass kernel (:func:`fxquant.kernels.native.max_pool2d`); without it,
+    since torch 2.13's channels-last kernel rejects uint8 / int8 images above 255 elements (its index type is the
+    element type), through aten's int16 / int32 kernels (fine and vectorized; two more passes).
     Tracers (torch.fx, when a pickled GraphModule is rebuilt) see it as one call, like ``F.max_pool2d``.
     """
     if torch.overrides.has_torch_function_unary(x):
         return torch.overrides.handle_torch_function(max_pool2d, (x,), x, *args, **kwargs)  # type: ignore[no-any-return]
     if x.dim() == 4 and x.dtype in RANGES and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous():
+        if x.is_cpu and not torch.compiler.is_compiling() and native.available():
+            pooled = native.max_pool2d(x, *_pool2d_arguments(*args, **kwargs))
+            if pooled is not None:
+                return pooled
         return F.max_pool2d(x.to(_pool_index_dtype(x, 2)), *args, **kwargs).to(x.dtype)
     return F.max_pool2d(x, *args, **kwargs)
+
+
+def _pool2d_arguments(kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                      ceil_mode: bool = False, return_indices: bool = False) -> tuple:
+    """F.max_pool2d's arguments as (kernel, stride, padding, dilation) pairs and ceil_mode; kernel sizes of 0
+    (refused by the native kernel, so aten reports them) for return_indices, which it does not compute."""
+    def pair(v: Any) -> list[int]:
+        v = [int(e) for e in v] if isinstance(v, (tuple, list)) else [int(v)] * 2
+        return v * 2 if len(v) == 1 else v
+    kernel = [0, 0] if return_indices else pair(kernel_size)
+    return kernel, pair(kernel_size if stride is None or stride in ([], ()) else stride), pair(padding), pair(dilation), \
+        bool(ceil_mode)
 
 
 def _pool_index_dtype(x: torch.Tensor, rank: int) -> torch.dtype:

@@ -112,6 +112,7 @@ class Facts:
     float16_weight: bool = False  # weight-only linear with float16 weights
     native_ok: bool = False  # the module fits the native kernel (conv: see Conv2d._native_ok)
     outputs: int = 0  # elements of one call's output (0: not known)
+    positions: int = 0  # conv: output positions of one image and channel (0: not known)
 
 
 CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
@@ -134,6 +135,7 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "fp16_gemm": lambda f, v: fp16_gemm.available() == v,
     "native": lambda f, v: (f.native_ok and native.available()) == v,
     "max_outputs": lambda f, v: 0 < f.outputs <= v,
+    "max_positions": lambda f, v: 0 < f.positions <= v,
 }
 
 
@@ -163,6 +165,11 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "conv": (
         Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True,
                         "max_outputs": 2**17}),
+        # larger calls (batch 16): FBGEMM vs onednn 1.02-1.21x for 3x3 convs of 128-512 channels at 14x14 / 7x7
+        # outputs, 1.1-2.2x depthwise at 14x14 / 7x7; but 0.87-0.88x at 56x56, 0.7-0.8x depthwise at 28x28 and
+        # 0.8-0.93x for 1x1 convs (one and two threads) -> kernels above 1x1 with up to 14x14 outputs
+        Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True,
+                        "pointwise": False, "max_positions": 196}),
         Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False}),
         Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
         Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),

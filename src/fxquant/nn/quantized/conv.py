@@ -89,7 +89,7 @@ class _QuantizedConvNd(QuantizedModuleBase):
                          pointwise=all(k == 1 for k in self.kernel_size),
                          fused_ok=self.post_op in onednn.CONV_FUSED[self._SPATIAL], compiling=compiling,
                          native_ok=native_ok and self._native_ok(),
-                         outputs=x.shape[0] * self.out_channels * self._positions(x))
+                         outputs=x.shape[0] * self.out_channels * self._positions(x), positions=self._positions(x))
 
     def _positions(self, x: torch.Tensor) -> int:
         """Output positions per image and channel (estimated from the input and the strides)."""
