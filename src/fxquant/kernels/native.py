@@ -36,7 +36,7 @@ __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicL
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 EXTRA_SOURCES = tuple(SOURCE.with_name(f"fxquant_{name}.cpp") for name in ("rnn", "embedding", "pool"))  # built into the same library
-_ABI_VERSION = 12
+_ABI_VERSION = 11
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -232,14 +232,11 @@ class ConvPlan(_Handle):
 
     ``weight``: int8 ``(out, in / groups, *kernel)`` with symmetric (zero-point 0) scales ``w_scale`` (one, or
     one per output channel). ``__call__`` takes a uint8 batch and returns the uint8 channels-last result
-    ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``. With ``check_7bit``, input values
-    above ``input_limit`` are handled apart: without VNNI FBGEMM multiplies with ``vpmaddubsw``, which sums two
-    uint8 x int8 products of one output channel in int16 (saturating); ``input_limit`` = 32767 / (the largest sum
-    of two same-signed weights of one output channel), at least 127. A 2-d conv runs FBGEMM on the input clipped
-    to the limit and computes the output positions whose windows hold a clipped value again in int32 (FBGEMM's
-    requantization, so every output is exact) while those are at most 1/16 of the output; otherwise, for 1-d /
-    3-d convs, or with the input zero point itself above the limit, the call returns None (the caller then runs
-    another kernel). ``table`` (256 uint8 values):
+    ``quantize(relu?(conv(dequantize(x)) + bias))`` clamped to ``[low, high]``, or None when ``check_7bit`` is set
+    and the input holds a value above ``input_limit``: without VNNI FBGEMM multiplies with ``vpmaddubsw``, which
+    sums two uint8 x int8 products of one output channel in int16 (saturating); ``input_limit`` = 32767 / (the
+    largest sum of two same-signed weights of one output channel), at least 127 (the caller then runs another
+    kernel). ``table`` (256 uint8 values):
     applied to each clamped result -- an activation after the conv with its own output qparams, exactly as a
     separate table lookup would.
     """
@@ -362,9 +359,8 @@ class StaticLinearPlan(_Handle):
 
     ``weight``: int8 ``(out, in)``, symmetric scales ``w_scale`` (one, or one per output feature). ``__call__(x)``
     takes uint8 ``x`` (..., in) and returns uint8 ``quantize(relu?(dequantize(x) @ W^T + bias))`` clamped to
-    ``[low, high]``. With ``check_7bit``, rows holding values above ``input_limit`` (see :class:`ConvPlan`) are
-    computed again in int32 after FBGEMM ran on the clipped input, while they are one row or at most 1/16 of them;
-    otherwise (or with the zero point above the limit) the call returns None and the caller runs another kernel.
+    ``[low, high]``, or None when ``check_7bit`` is set and the input (or its zero point) exceeds ``input_limit``
+    (see :class:`ConvPlan`: the caller then runs another kernel).
     """
 
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

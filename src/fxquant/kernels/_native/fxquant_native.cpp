@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -49,26 +48,7 @@ struct Requant {
   std::vector<std::uint8_t> table;  // 256 entries applied to the result (an activation after the conv), or empty
 
   bool refuses(const std::uint8_t* x, std::size_t count) const;
-
-  // ReQuantizeOutput's arithmetic (fbgemm/OutputProcessing-inl.h, float bias, symmetric weights) for the int32 sum
-  // of output channel o (before finish())
-  std::uint8_t requantize(std::int32_t acc, int o) const {
-    const int idx = per_channel ? o : 0;
-    float raw = static_cast<float>(acc - input_zero * column_sums[o]);
-    if (!bias.empty()) raw += bias[o] / input_times_weight[idx];
-    const long rounded = std::lrintf(raw * multiplier[idx]) + output_zero;
-    return static_cast<std::uint8_t>(std::max(relu ? static_cast<long>(output_zero) : 0L, std::min(255L, rounded)));
-  }
 };
-
-// x clipped to `limit` (thread-local storage, valid until the next call on this thread)
-const std::uint8_t* clip(const std::uint8_t* x, std::size_t count, int limit) {
-  thread_local std::vector<std::uint8_t> clipped;
-  clipped.resize(count);
-  const auto top = static_cast<std::uint8_t>(limit);
-  for (std::size_t e = 0; e < count; ++e) clipped[e] = x[e] > top ? top : x[e];
-  return clipped.data();
-}
 
 // the largest byte (vectorized)
 __attribute__((target_clones("avx2", "default"))) std::uint8_t max_byte(const std::uint8_t* x, std::size_t n) {
@@ -184,9 +164,6 @@ class PackedConvolution final : public Convolution {
                     const int* pad, const int* dilation, const std::int8_t* weight, Requant requant)
       : in_channels_(in_channels), out_channels_(out_channels), groups_(groups), kernel_(first<D>(kernel)),
         stride_(first<D>(stride)), dilation_(first<D>(dilation)), pad_(first<2 * D>(pad)), rq_(std::move(requant)) {
-    std::size_t size = static_cast<std::size_t>(out_channels) * (in_channels / groups);
-    for (int i = 0; i < D; ++i) size *= static_cast<std::size_t>(kernel_[i]);
-    weight_.assign(weight, weight + size);  // for run_clipped's recomputed positions
     std::array<int, D> nominal{};  // packing depends on the geometry, not on the image size
     for (int i = 0; i < D; ++i) nominal[i] = (kernel_[i] - 1) * dilation_[i] + 1 + stride_[i];
     packed_ = std::make_unique<fbgemm::PackWeightsForConv<D>>(params(1, nominal), weight);
@@ -198,10 +175,7 @@ class PackedConvolution final : public Convolution {
     const auto p = params(batch, first<D>(image));
     std::size_t count = static_cast<std::size_t>(batch) * in_channels_;
     for (int i = 0; i < D; ++i) count *= static_cast<std::size_t>(image[i]);
-    if (rq_.refuses(x, count)) {
-      if constexpr (D == 2) return run_clipped(p, x, y, count, threads);
-      return 1;
-    }
+    if (rq_.refuses(x, count)) return 1;
     return dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(p, x, y, threads); });
   }
 
@@ -209,75 +183,6 @@ class PackedConvolution final : public Convolution {
   fbgemm::conv_param_t<D> params(int batch, const std::array<int, D>& image) const {
     return fbgemm::conv_param_t<D>(batch, in_channels_, out_channels_, image, groups_, kernel_, stride_, pad_,
                                    dilation_);
-  }
-
-  // Input beyond the saturation-free limit in a few places (values past the calibrated range): FBGEMM runs on the
-  // input clipped to the limit -- exact wherever a window holds no clipped value -- and the output positions whose
-  // windows do are computed again from the true input in int32 and requantized with FBGEMM's formula. Returns 1
-  // (refused: the caller's other kernel) when the zero point itself is beyond the limit or when those positions
-  // exceed 1/16 of the output.
-  int run_clipped(const fbgemm::conv_param_t<D>& p, const std::uint8_t* x, std::uint8_t* y, std::size_t count,
-                  int threads) {
-    const int limit = rq_.input_limit, in_zero = rq_.input_zero;
-    if (in_zero > limit) return 1;
-    const int height = p.IN_DIM[0], width = p.IN_DIM[1], out_h = p.OUT_DIM[0], out_w = p.OUT_DIM[1];
-    const std::size_t positions = static_cast<std::size_t>(p.MB) * out_h * out_w;
-    thread_local std::vector<std::uint8_t> hit;
-    hit.assign(positions, 0);
-    std::size_t hits = 0;
-    for (std::size_t e = 0; e < count; ++e) {
-      if (x[e] <= limit) continue;
-      const std::size_t pixel = e / in_channels_;
-      const int w = static_cast<int>(pixel % width), h = static_cast<int>(pixel / width % height);
-      const std::size_t n = pixel / width / height;
-      for (int i = 0; i < kernel_[0]; ++i) {
-        const int oh_s = h + pad_[0] - i * dilation_[0];
-        if (oh_s < 0 || oh_s % stride_[0] != 0 || oh_s / stride_[0] >= out_h) continue;
-        for (int j = 0; j < kernel_[1]; ++j) {
-          const int ow_s = w + pad_[1] - j * dilation_[1];
-          if (ow_s < 0 || ow_s % stride_[1] != 0 || ow_s / stride_[1] >= out_w) continue;
-          std::uint8_t& mark = hit[(n * out_h + oh_s / stride_[0]) * out_w + ow_s / stride_[1]];
-          hits += mark == 0;
-          mark = 1;
-        }
-      }
-      if (hits * 16 > positions) return 1;
-    }
-    const std::uint8_t* clipped = clip(x, count, limit);
-    const int status =
-        dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(p, clipped, y, threads); });
-    if (status != 0) return status;
-    const int per_group_in = in_channels_ / groups_, per_group_out = out_channels_ / groups_;
-    const int taps = kernel_[0] * kernel_[1] * per_group_in;
-    thread_local std::vector<std::int32_t> window;
-    window.resize(taps);
-    for (std::size_t pos = 0; pos < positions; ++pos) {
-      if (!hit[pos]) continue;
-      const std::size_t n = pos / (static_cast<std::size_t>(out_h) * out_w);
-      const int oh = static_cast<int>(pos / out_w % out_h), ow = static_cast<int>(pos % out_w);
-      std::uint8_t* out = y + pos * out_channels_;
-      for (int g = 0; g < groups_; ++g) {
-        int k = 0;  // the window of group g, (kh, kw, channel) order like the weights; padding reads the zero point
-        for (int i = 0; i < kernel_[0]; ++i) {
-          const int h = oh * stride_[0] - pad_[0] + i * dilation_[0];
-          for (int j = 0; j < kernel_[1]; ++j) {
-            const int w = ow * stride_[1] - pad_[1] + j * dilation_[1];
-            const bool inside = h >= 0 && h < height && w >= 0 && w < width;
-            const std::uint8_t* src = x + ((n * height + (inside ? h : 0)) * width + (inside ? w : 0)) * in_channels_ +
-                                      static_cast<std::size_t>(g) * per_group_in;
-            for (int c = 0; c < per_group_in; ++c) window[k++] = inside ? src[c] : in_zero;
-          }
-        }
-        for (int o = g * per_group_out; o < (g + 1) * per_group_out; ++o) {
-          const std::int8_t* wrow = weight_.data() + static_cast<std::size_t>(o) * taps;
-          std::int32_t acc = 0;
-          for (int t = 0; t < taps; ++t) acc += window[t] * wrow[t];
-          out[o] = rq_.requantize(acc, o);
-        }
-      }
-      finish(rq_, out, out_channels_);
-    }
-    return 0;
   }
 
   template <bool RELU, QuantizationGranularity G>
@@ -314,7 +219,6 @@ class PackedConvolution final : public Convolution {
   std::array<int, D> kernel_, stride_, dilation_;
   std::array<int, 2 * D> pad_;
   Requant rq_;
-  std::vector<std::int8_t> weight_;  // (out_channels, *kernel, in_channels / groups)
   std::unique_ptr<fbgemm::PackWeightsForConv<D>> packed_;
 };
 
@@ -381,45 +285,15 @@ class DynamicLinear {
 class StaticLinear {
  public:
   StaticLinear(int in_features, int out_features, const std::int8_t* weight, Requant requant)
-      : k_(in_features), n_(out_features), rq_(std::move(requant)),
-        weight_(weight, weight + static_cast<std::size_t>(in_features) * out_features) {
+      : k_(in_features), n_(out_features), rq_(std::move(requant)) {
     packed_ = std::make_unique<fbgemm::PackBMatrix<std::int8_t>>(fbgemm::matrix_op_t::Transpose, k_, n_, weight, k_,
                                                                   nullptr, 1);
   }
 
-  // 0 on success, 1 when the input (or its zero point) exceeds the int16-safe limit in too many rows (the caller
-  // runs another kernel). Rows beyond it: FBGEMM on the input clipped to the limit (exact for the other rows),
-  // those rows computed again from the true input in int32, at most one row or 1/16 of them.
+  // 0 on success, 1 when the input (or its zero point) exceeds the int16-safe limit (the caller runs another kernel)
   int run(const std::uint8_t* x, std::uint8_t* y, int rows, int threads) {
-    const std::size_t count = static_cast<std::size_t>(rows) * k_;
-    if (!rq_.refuses(x, count)) {
-      return dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(x, y, rows, threads); });
-    }
-    const int limit = rq_.input_limit;
-    if (rq_.input_zero > limit) return 1;
-    thread_local std::vector<int> hit_rows;
-    hit_rows.clear();
-    for (int r = 0; r < rows; ++r) {
-      const std::uint8_t* row = x + static_cast<std::size_t>(r) * k_;
-      if (std::any_of(row, row + k_, [limit](std::uint8_t v) { return v > limit; })) hit_rows.push_back(r);
-    }
-    if (hit_rows.size() > std::max<std::size_t>(1, rows / 16)) return 1;
-    const std::uint8_t* clipped = clip(x, count, limit);
-    const int status =
-        dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(clipped, y, rows, threads); });
-    if (status != 0) return status;
-    for (int r : hit_rows) {
-      const std::uint8_t* row = x + static_cast<std::size_t>(r) * k_;
-      std::uint8_t* out = y + static_cast<std::size_t>(r) * n_;
-      for (int o = 0; o < n_; ++o) {
-        const std::int8_t* wrow = weight_.data() + static_cast<std::size_t>(o) * k_;
-        std::int32_t acc = 0;
-        for (int t = 0; t < k_; ++t) acc += static_cast<std::int32_t>(row[t]) * wrow[t];
-        out[o] = rq_.requantize(acc, o);
-      }
-      finish(rq_, out, n_);
-    }
-    return 0;
+    if (rq_.refuses(x, static_cast<std::size_t>(rows) * k_)) return 1;
+    return dispatch(rq_, [&]<bool RELU, QuantizationGranularity G>() { return go<RELU, G>(x, y, rows, threads); });
   }
 
  private:
@@ -445,7 +319,6 @@ class StaticLinear {
 
   int k_, n_;
   Requant rq_;
-  std::vector<std::int8_t> weight_;  // (out_features, in_features), for the rows computed again
   std::unique_ptr<fbgemm::PackBMatrix<std::int8_t>> packed_;
 };
 
@@ -466,7 +339,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 12; }
+int fxq_abi_version() { return 11; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 

@@ -282,10 +282,8 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     """FBGEMM's convolution through the native library (:mod:`fxquant.kernels.native`): one ctypes call with the
     weight packed once, relu, the output range and a folded activation's table fused. Input that could saturate
-    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) in a few places is still
-    exact (the native plan recomputes the windows holding it: :class:`fxquant.kernels.native.ConvPlan`); in more,
-    or at a 1-d / 3-d conv, the call runs :func:`_fallback`, as does every call where FBGEMM cannot pack the
-    geometry."""
+    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`,
+    as does every call where FBGEMM cannot pack the geometry."""
     spec, table = mod.output_spec, mod._activation_table()
     out_qparams = (float(mod.output_scale), int(mod.output_zero_point))
     low, high = spec.quant_min, spec.quant_max

@@ -222,9 +222,8 @@ def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
 
 def _fbgemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """FBGEMM's static int8 GEMM through the native library (:mod:`fxquant.kernels.native`): one ctypes call, the
-    requantization, relu and the output range fused. Input beyond the int16-safe limit on a CPU without VNNI in
-    one row or up to 1/16 of them is recomputed exactly by the native plan; in more it runs the kernel the rules
-    choose without the native library, for that call."""
+    requantization, relu and the output range fused. Input beyond the int16-safe limit on a CPU without VNNI runs
+    the kernel the rules choose without the native library, for that call."""
     spec = mod.output_spec
     try:
         plan: native.StaticLinearPlan | None = native.StaticLinearPlan(
