@@ -229,6 +229,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
 }
 
 
+# kernels that multiply uint8 by int8 with vpmaddubsw on CPUs without VNNI (exact for 7-bit input, pairs of products
+# saturating in int16 beyond it), as FBGEMM does: where a native call refuses input beyond its int16-safe limit and
+# the rules would give one of these, the unchecked FBGEMM call is no less exact and faster
+SATURATING = frozenset({"onednn", "onednn_unfused"})
+
+
 def choose(op: str, facts: Facts) -> str:
     """Name of the kernel to run for ``op`` under ``facts`` (``"float"`` is always available)."""
     try:

@@ -282,39 +282,50 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
 def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     """FBGEMM's convolution through the native library (:mod:`fxquant.kernels.native`): one ctypes call with the
     weight packed once, relu, the output range and a folded activation's table fused. Input that could saturate
-    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`,
-    as does every call where FBGEMM cannot pack the geometry."""
+    FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`
+    where that kernel is exact (the float plan, onednn's depthwise kernel); where the rules would give onednn for
+    an ungrouped conv, which pairs its products in int16 the same way (``x86.SATURATING``), FBGEMM runs unchecked:
+    the same arithmetic class, faster. Every call
+    takes the fallback where FBGEMM cannot pack the geometry."""
     spec, table = mod.output_spec, mod._activation_table()
     out_qparams = (float(mod.output_scale), int(mod.output_zero_point))
     low, high = spec.quant_min, spec.quant_max
     if table is not None:  # round at the conv's own qparams, then the activation's table
         out_qparams = (float(mod.pre_activation_scale), int(mod.pre_activation_zero_point))
         low, high = mod.pre_activation_range
-    try:
-        conv: native.ConvPlan | None = native.ConvPlan(
+
+    def build(check_7bit: bool) -> native.ConvPlan:
+        return native.ConvPlan(
             mod.weight_int, mod.weight_scale, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
             (float(mod.input_scale), int(mod.input_zero_point)), out_qparams, mod.post_op == "relu", low, high,
-            check_7bit=not x86.cpu_has_vnni(), table=table)
+            check_7bit=check_7bit, table=table)
+    try:
+        conv: native.ConvPlan | None = build(not x86.cpu_has_vnni())
     except RuntimeError:  # FBGEMM cannot pack this geometry: every call takes the fallback
         conv = None
     fallback: dict[int, Plan] = {}
+    unchecked: list[native.ConvPlan] = []  # built once, for the batch sizes whose fallback saturates anyway
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
         y = None if conv is None else conv(x)
         if y is not None:
             return y
         if x.shape[0] not in fallback:
-            fallback[x.shape[0]] = _fallback(mod, x)
+            kernel = x86.choose(mod._OP, mod._facts(x, compiling=False, native_ok=False))
+            if conv is not None and kernel in x86.SATURATING and mod.groups == 1:  # (depthwise onednn is exact)
+                unchecked[:] = unchecked or [build(False)]
+                fallback[x.shape[0]] = lambda x, other, plan=unchecked[0]: plan(x)
+            else:
+                fallback[x.shape[0]] = _fallback(mod, x, kernel)
         return fallback[x.shape[0]](x, other)
     return run
 
 
-def _fallback(mod: _QuantizedConvNd, x: torch.Tensor) -> Plan:
+def _fallback(mod: _QuantizedConvNd, x: torch.Tensor, kernel: str) -> Plan:
     """The plan for input the native kernel refused (values that could saturate its int16 pair sums): the kernel
     the rules choose without it (as before the native kernel existed: onednn for most sizes, which trusts the
     calibrated 7-bit range the same way). A folded activation with its table keeps the reference's order:
     onednn's conv rounded at the conv's own qparams, or the float conv, then the table."""
-    kernel = x86.choose(mod._OP, mod._facts(x, compiling=False, native_ok=False))
     table = mod._activation_table()
     if table is None:
         return _plan(mod, kernel)

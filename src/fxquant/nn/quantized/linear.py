@@ -223,16 +223,21 @@ def _fp16_gemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
 def _fbgemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """FBGEMM's static int8 GEMM through the native library (:mod:`fxquant.kernels.native`): one ctypes call, the
     requantization, relu and the output range fused. Input beyond the int16-safe limit on a CPU without VNNI runs
-    the kernel the rules choose without the native library, for that call."""
+    the kernel the rules choose without the native library, for that call -- or, where that is onednn (which pairs
+    its products in int16 the same way: ``x86.SATURATING``), FBGEMM unchecked."""
     spec = mod.output_spec
-    try:
-        plan: native.StaticLinearPlan | None = native.StaticLinearPlan(
+
+    def build(check_7bit: bool) -> native.StaticLinearPlan:
+        return native.StaticLinearPlan(
             mod.weight_int, mod.weight_scale, mod.bias, (float(mod.input_scale), int(mod.input_zero_point)),
             (float(mod.output_scale), int(mod.output_zero_point)), mod.post_op == "relu", spec.quant_min,
-            spec.quant_max, check_7bit=not x86.cpu_has_vnni())
+            spec.quant_max, check_7bit=check_7bit)
+    try:
+        plan: native.StaticLinearPlan | None = build(not x86.cpu_has_vnni())
     except RuntimeError:
         plan = None
     fallback: dict[int, Callable[[torch.Tensor, Any], torch.Tensor]] = {}
+    unchecked: list[native.StaticLinearPlan] = []
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
         y = None if plan is None else plan(x)
@@ -242,7 +247,12 @@ def _fbgemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         if rows not in fallback:
             facts = x86.Facts(rows=rows, macs=rows * mod.in_features * mod.out_features, onednn_ok=mod._onednn_ok(),
                               input_7bit=mod.input_spec.quant_max <= 127)
-            fallback[rows] = _PLANS[x86.choose("linear", facts)](mod)
+            kernel = x86.choose("linear", facts)
+            if plan is not None and kernel in x86.SATURATING:
+                unchecked[:] = unchecked or [build(False)]
+                fallback[rows] = lambda x, other, fbgemm=unchecked[0]: fbgemm(x)
+            else:
+                fallback[rows] = _PLANS[kernel](mod)
         return fallback[rows](x, other)
     return run
 
