@@ -509,3 +509,34 @@ def test_lowered_linear_runs_fbgemm_and_falls_back_beyond_the_limit():
         assert (lowered(big) - reference(big)).abs().max().item() <= step * 1.001
     assert x86.choose("linear", x86.Facts(rows=1, onednn_ok=True, input_7bit=True, native_ok=True,
                                           macs=10**6)) == "fbgemm"
+
+
+@needs_native
+@pytest.mark.skipif(x86.cpu_has_vnni(), reason="with VNNI no input is refused")
+def test_beyond_the_limit_fbgemm_runs_unchecked_only_where_the_fallback_would_saturate_too(monkeypatch):
+    """An ungrouped conv whose other kernel is onednn (pairs its products in int16 like FBGEMM) runs the unchecked
+    FBGEMM plan on input beyond the int16-safe limit; a depthwise one keeps onednn's exact depthwise kernel."""
+    import fxquant.nn.quantized.reference as R
+
+    def lowered(groups: int) -> Q.Conv2d:
+        conv = nn.Conv2d(64, 64, 3, padding=1, groups=groups)
+        ref = R.Conv2d.from_float(conv, {"qscheme": torch.per_channel_affine, "dtype": torch.int8,
+                                         "scale": torch.rand(64) * 0.01 + 1e-3,
+                                         "zero_point": torch.zeros(64, dtype=torch.long), "axis": 0})
+        return Q.Conv2d.from_reference(ref, 0.02, 60, 0.05, 64, input_quant_max=127)
+    x = torch.randint(0, 256, (1, 64, 14, 14), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    onednn_calls = []
+    real_op = torch.ops.onednn.qconv_pointwise.default
+
+    class Counting:
+        default = staticmethod(lambda *a: onednn_calls.append(1) or real_op(*a))
+    monkeypatch.setattr(torch.ops.onednn, "qconv_pointwise", Counting)
+    dense = lowered(1)
+    facts = dense._facts(x, compiling=False, native_ok=False)
+    assert x86.choose("conv", facts) in x86.SATURATING
+    unchecked = native.ConvPlan(dense.weight_int, dense.weight_scale, dense.bias, dense.stride, dense.padding,
+                                dense.dilation, 1, (0.02, 60), (0.05, 64), False, 0, 255, check_7bit=False)
+    assert torch.equal(dense(x), unchecked(x)) and not onednn_calls
+    depthwise = lowered(64)
+    depthwise(x)
+    assert onednn_calls  # its fallback is exact: kept
