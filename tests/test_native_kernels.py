@@ -540,3 +540,21 @@ def test_beyond_the_limit_fbgemm_runs_unchecked_only_where_the_fallback_would_sa
     depthwise = lowered(64)
     depthwise(x)
     assert onednn_calls  # its fallback is exact: kept
+
+
+@needs_native
+@pytest.mark.skipif(x86.cpu_has_vnni(), reason="with VNNI no input is refused")
+def test_beyond_the_limit_a_linear_whose_fallback_is_onednn_runs_fbgemm_unchecked(monkeypatch):
+    import fxquant.nn.quantized.reference as R
+    lin = nn.Linear(256, 512)
+    ref = R.Linear.from_float(lin, {"qscheme": torch.per_channel_affine, "dtype": torch.int8,
+                                    "scale": lin.weight.detach().abs().amax(dim=1) / 127,
+                                    "zero_point": torch.zeros(512, dtype=torch.long), "axis": 0})
+    mod = Q.Linear.from_reference(ref, 0.02, 60, 0.05, 64, input_quant_max=127)
+    x = torch.randint(0, 256, (32, 256), dtype=torch.uint8)
+    facts = x86.Facts(rows=32, macs=32 * 256 * 512, onednn_ok=mod._onednn_ok(), input_7bit=True)
+    assert x86.choose("linear", facts) in x86.SATURATING
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", None)  # any onednn call would fail
+    unchecked = native.StaticLinearPlan(mod.weight_int, mod.weight_scale, mod.bias, (0.02, 60), (0.05, 64), False,
+                                        0, 255, check_7bit=False)
+    assert torch.equal(mod(x), unchecked(x))

@@ -285,8 +285,7 @@ def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     FBGEMM's int16 pair sums on a CPU without VNNI (beyond the calibrated 7-bit range) runs :func:`_fallback`
     where that kernel is exact (the float plan, onednn's depthwise kernel); where the rules would give onednn for
     an ungrouped conv, which pairs its products in int16 the same way (``x86.SATURATING``), FBGEMM runs unchecked:
-    the same arithmetic class, faster. Every call
-    takes the fallback where FBGEMM cannot pack the geometry."""
+    the same arithmetic class, faster. Every call takes the fallback where FBGEMM cannot pack the geometry."""
     spec, table = mod.output_spec, mod._activation_table()
     out_qparams = (float(mod.output_scale), int(mod.output_zero_point))
     low, high = spec.quant_min, spec.quant_max
@@ -313,7 +312,8 @@ def _fbgemm_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
         if x.shape[0] not in fallback:
             kernel = x86.choose(mod._OP, mod._facts(x, compiling=False, native_ok=False))
             if conv is not None and kernel in x86.SATURATING and mod.groups == 1:  # (depthwise onednn is exact)
-                unchecked[:] = unchecked or [build(False)]
+                if not unchecked:
+                    unchecked.append(build(False))
                 fallback[x.shape[0]] = lambda x, other, plan=unchecked[0]: plan(x)
             else:
                 fallback[x.shape[0]] = _fallback(mod, x, kernel)

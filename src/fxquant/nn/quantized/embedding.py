@@ -4,7 +4,7 @@ Built from a reference module whose table is quantized per row (``per_channel_af
 ``per_channel_affine``): ``Embedding.from_reference(ref)``. A 0..15 table (torch.ao's ``quint4x2``) is packed two
 values per byte (low nibble = even column). The forward gathers the requested rows, dequantizes only those
 (``(q - zero_point) * scale``, the reference math) and, for bags, reduces them -- in one pass of the native kernel
-(``fxquant.kernels.native.embedding_bag``: a quarter of fp32's bytes per row, no float copy of the table), else
+(``fxquant.kernels.native.EmbeddingTable``: a quarter of fp32's bytes per row, no float copy of the table), else
 with ``F.embedding_bag`` on the gathered rows or on a cached float table (the kernel rules in ``kernels/x86.py``).
 """
 from __future__ import annotations

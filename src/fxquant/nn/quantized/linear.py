@@ -249,7 +249,8 @@ def _fbgemm_plan(mod: Linear) -> Callable[[torch.Tensor, Any], torch.Tensor]:
                               input_7bit=mod.input_spec.quant_max <= 127)
             kernel = x86.choose("linear", facts)
             if plan is not None and kernel in x86.SATURATING:
-                unchecked[:] = unchecked or [build(False)]
+                if not unchecked:
+                    unchecked.append(build(False))
                 fallback[rows] = lambda x, other, fbgemm=unchecked[0]: fbgemm(x)
             else:
                 fallback[rows] = _PLANS[kernel](mod)
