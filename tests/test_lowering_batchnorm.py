@@ -1,6 +1,7 @@
 """Eval-mode batch norms between quantized values (DenseNet's BN -> ReLU -> conv, a BN on the input) lower to one
-QuantizedBatchNorm on the integer tensors: within one output step of the reference model with either kernel
-(onednn 1x1 depthwise conv, float addcmul), and the module survives save / load, state dicts, deepcopy, export."""
+QuantizedBatchNorm on the integer tensors: within one output step of the reference model with each kernel
+(native one pass, onednn 1x1 depthwise conv, float addcmul; the native pass equal to the float one bit for bit in
+every layout), and the module survives save / load, state dicts, deepcopy, export."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.kernels import x86
+from fxquant.kernels import native, x86
 from fxquant.nn import quantized as Q
 
 
@@ -76,11 +77,13 @@ def _steps(ref: nn.Module, low: nn.Module, inputs: tuple) -> float:
         return float(((ref(*inputs) - low(*inputs)).abs() / scale).max()) - 1e-3
 
 
-@pytest.mark.parametrize("kernel", ["onednn_depthwise", "float"])
+@pytest.mark.parametrize("kernel", ["native", "onednn_depthwise", "float"])
 @pytest.mark.parametrize("size", [8, 64])
 def test_pre_activation_block_matches_the_reference(kernel, size, monkeypatch):
     if kernel == "onednn_depthwise" and not x86.onednn_available():
         pytest.skip("onednn int8 ops are not in this torch build")
+    if kernel == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
     monkeypatch.setitem(x86.RULES, "batch_norm", (x86.Rule(kernel),))
     torch.manual_seed(0)
     example = (torch.randn(2, 3, size, size),)
@@ -94,6 +97,43 @@ def test_pre_activation_block_matches_the_reference(kernel, size, monkeypatch):
         assert _steps(ref, low, inputs) <= 1.0
         assert all(m._kernel_cache.get(("kernel", 4, n)) == kernel for m in norms for n in
                    [k[2] for k in m._kernel_cache if isinstance(k, tuple) and k[0] == "kernel"])
+
+
+def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` contiguous, channels-last (4-d / 5-d) and as a strided view no dense layout describes."""
+    out = [x.contiguous()]
+    if x.dim() == 4:
+        out.append(x.contiguous(memory_format=torch.channels_last))
+    if x.dim() == 5:
+        out.append(x.contiguous(memory_format=torch.channels_last_3d))
+    out.append(torch.stack([x, x], dim=-1)[..., 0])
+    return out
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("shape", [(2, 5), (3, 7, 11), (2, 24, 9, 13), (1, 3, 1, 1), (2, 6, 3, 4, 5)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_native_pass_equals_the_float_kernel_bit_for_bit(shape, relu, monkeypatch):
+    gen = torch.Generator().manual_seed(len(shape))
+    channels = shape[1]
+    norm = Q.QuantizedBatchNorm(torch.randn(channels, generator=gen), torch.randn(channels, generator=gen) * 3,
+                                (0.05, 7), (0.04, 100), relu=relu, quant_min=0, quant_max=200)
+    q = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    extremes = torch.tensor([0, 255, 128, 127], dtype=torch.uint8)[:q.numel()]
+    q.view(-1)[:len(extremes)] = extremes
+    monkeypatch.setitem(x86.RULES, "batch_norm", (x86.Rule("float"),))
+    expected = norm(q)
+    a, b, lo = norm._scalars()
+    for x in _layouts(q):
+        got = native.channel_affine(x, a, b, lo, norm.quant_max)
+        assert got.dtype == torch.uint8 and torch.equal(got, expected), x.stride()
+        if x.dim() in (4, 5) and not x.is_contiguous() and got.dim() == x.dim():
+            assert got.stride() == x.stride() or x.stride() != x.contiguous(
+                memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d).stride()
+    assert int(expected.min()) >= (100 if relu else 0) and int(expected.max()) <= 200
+    norm._kernel_cache.clear()
+    monkeypatch.setitem(x86.RULES, "batch_norm", (x86.Rule("native"),))
+    assert torch.equal(norm(q), expected) and norm._kernel(q) == "native"
 
 
 def test_batch_norm_3d_relu_on_the_input():

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add",
-           "mul_gate", "mean_requantize", "EmbeddingTable", "max_pool2d", "quantize", "rnn_recurrence", "SOURCE"]
+           "mul_gate", "mean_requantize", "channel_affine", "EmbeddingTable", "max_pool2d", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
-EXTRA_SOURCES = tuple(SOURCE.with_name(f"fxquant_{name}.cpp") for name in ("rnn", "embedding", "pool"))  # built into the same library
-_ABI_VERSION = 11
+# built into the same library
+EXTRA_SOURCES = tuple(SOURCE.with_name(f"fxquant_{name}.cpp") for name in ("rnn", "embedding", "pool", "affine"))
+_ABI_VERSION = 12
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -118,6 +119,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_mean_u8.restype = None
     lib.fxq_mean_u8.argtypes = [p, p, i64, i64, i64, i, f, f, f, f]
     lib.fxq_mul_gate_u8.restype = None
+    lib.fxq_affine_u8.restype = None
+    lib.fxq_affine_u8.argtypes = [p, p, i64, i64, i64, i, p, p, f, f, i]
     lib.fxq_mul_gate_u8.argtypes = [p, p, p, i64, i64, i64, i, f, f, f, f, f, f, i]
     lib.fxq_qlinear_create.restype = p
     lib.fxq_qlinear_create.argtypes = [i, i, p, i, p, f, i, f, i, p, i, i, i, i]
@@ -561,6 +564,26 @@ def mul_gate(big: torch.Tensor, small: torch.Tensor, k: float, z_big: int, z_sma
     lib.fxq_mul_gate_u8(big.data_ptr(), gate.data_ptr(), out.data_ptr(), big.shape[0], big.shape[1], positions,
                         int(channels_last), k, float(z_big), float(z_small), c, float(low), float(high),
                         torch.get_num_threads())
+    return out
+
+
+def channel_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """``round(clamp(x * a[c] + b[c], low, high))`` as uint8 for a uint8 ``x`` (N, C, *spatial) with channels on
+    dim 1 (an eval-mode batch norm requantized: :class:`fxquant.nn.quantized.QuantizedBatchNorm`), ``a`` / ``b``
+    float32 with C values; one pass, the result in ``x``'s layout (contiguous or channels-last; other layouts are
+    made contiguous first)."""
+    lib = _library()
+    assert lib is not None
+    if not 0 <= low <= high <= 255 or x.dtype != torch.uint8 or x.dim() < 2:
+        raise ValueError(f"channel_affine: needs a uint8 (N, C, ...) tensor and 0 <= low <= high <= 255, got "
+                         f"{x.dtype} of shape {tuple(x.shape)}, low={low}, high={high}")
+    channels_last = not x.is_contiguous() and x.dim() in (4, 5) and x.is_contiguous(
+        memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if not channels_last:
+        x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.fxq_affine_u8(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], math.prod(x.shape[2:]),
+                      int(channels_last), a.data_ptr(), b.data_ptr(), float(low), float(high), torch.get_num_threads())
     return out
 
 

@@ -215,6 +215,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
     # 1x512x14x14, 372 vs 511 at 2x256x28x28, 520 vs 789 at 4x64x56x56, 3.2 vs 9.1 ms at 16x256x28x28 (one
     # thread) -> onednn from 2^18 elements
     "batch_norm": (
+        # native one pass (AVX2 multiply-add, clamp, round; the float kernel's arithmetic): channels-last 1x256x56x56
+        # 146 us, 1x1024x7x7 20 us where torch.ao's BNReLU2d takes 211 / 40 us; densenet121's 62 BN + ReLU at 224
+        # 27 ms in the two kernels below, 7.5 ms native (torch.ao 6.3 ms, per-node medians) -> at every size
+        Rule("native", {"device": "cpu", "compiling": False, "native": True}),
         Rule("onednn_depthwise", {**_EAGER_CPU, "min_macs": 2**18}),
         Rule("float"),
     ),

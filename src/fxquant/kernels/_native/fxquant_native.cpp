@@ -339,7 +339,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 11; }
+int fxq_abi_version() { return 12; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 

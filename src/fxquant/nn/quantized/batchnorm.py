@@ -3,8 +3,10 @@
 An eval-mode batch norm is a per-channel affine map ``y = a_c * x + b_c`` (``a = weight / sqrt(var + eps)``,
 ``b = bias - mean * a``). On ``x = s_in * (q - zp_in)`` and quantized with ``(s_out, zp_out)`` that is
 ``round(q * A_c + B_c)`` with ``A = a * s_in / s_out`` and ``B = (b - a * s_in * zp_in) / s_out + zp_out``, then a
-clamp (from ``zp_out`` for the relu). Two kernels:
+clamp (from ``zp_out`` for the relu). Three kernels:
 
+* ``native``: one pass over the uint8 image, ``round(clamp(q * A_c + B_c))`` in float32 as the ``float`` kernel
+  computes it (:func:`fxquant.kernels.native.channel_affine`);
 * ``onednn``: a 1x1 depthwise int8 convolution (weights ``sign(a_c)``, per-channel weight scales ``|a_c|``, bias
   ``b_c``, relu fused) — one call for a 4-d uint8 image; exact (one product per output, no saturation), rounding
   half to even like the reference;
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fxquant.kernels import onednn, x86
+from fxquant.kernels import native, onednn, x86
 from fxquant.kernels import uint8 as k
 from fxquant.nn.quantized.elementwise import _check_range, _ScalarModule
 
@@ -90,8 +92,9 @@ class QuantizedBatchNorm(_ScalarModule):
         key = ("kernel", q.dim(), q.numel())
         choice = self._kernel_cache.get(key)
         if choice is None:
-            ok = q.dim() == 4 and q.dtype == self.dtype == torch.uint8 and q.is_cpu and x86.onednn_available()
-            facts = x86.Facts(device=q.device.type, macs=q.numel(), onednn_ok=ok)
+            u8 = q.dtype == self.dtype == torch.uint8 and q.is_cpu
+            ok = u8 and q.dim() == 4 and x86.onednn_available()
+            facts = x86.Facts(device=q.device.type, macs=q.numel(), onednn_ok=ok, native_ok=u8)
             choice = self._kernel_cache[key] = x86.choose("batch_norm", facts)
         return choice  # type: ignore[no-any-return]
 
@@ -106,7 +109,11 @@ class QuantizedBatchNorm(_ScalarModule):
             y = torch.relu(y) if self.relu else y
             out = torch.round(y / self.out_scale + self.out_zero_point)
             return out.clamp(self.quant_min, self.quant_max).to(self.dtype)
-        if self._kernel(q) == "onednn_depthwise":
+        kernel = self._kernel(q)
+        if kernel == "native":
+            a, b, lo = self._scalars()
+            return native.channel_affine(q, a, b, lo, self.quant_max)
+        if kernel == "onednn_depthwise":
             x_q, out_q, packed, w_scale, w_zp, bias = self._onednn_plan(q.shape[1])
             clamp = None if (self.quant_min, self.quant_max) == (0, 255) else (self.quant_min, self.quant_max)
             return onednn.conv(q, x_q, packed, w_scale, w_zp, bias, ([1, 1], [0, 0], [1, 1], q.shape[1]), out_q,
