@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add",
-           "mul_gate", "mean_requantize", "channel_affine", "EmbeddingTable", "max_pool2d", "quantize", "rnn_recurrence", "SOURCE"]
+           "mul_gate", "mean_requantize", "channel_affine", "lookup", "EmbeddingTable", "max_pool2d", "quantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 # built into the same library
@@ -121,6 +121,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_mul_gate_u8.restype = None
     lib.fxq_affine_u8.restype = None
     lib.fxq_affine_u8.argtypes = [p, p, i64, i64, i64, i, p, p, f, f, i]
+    lib.fxq_lookup_u8.restype = None
+    lib.fxq_lookup_u8.argtypes = [p, p, i64, p, i, i]
     lib.fxq_mul_gate_u8.argtypes = [p, p, p, i64, i64, i64, i, f, f, f, f, f, f, i]
     lib.fxq_qlinear_create.restype = p
     lib.fxq_qlinear_create.argtypes = [i, i, p, i, p, f, i, f, i, p, i, i, i, i]
@@ -585,6 +587,21 @@ def channel_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: int, 
     lib.fxq_affine_u8(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], math.prod(x.shape[2:]),
                       int(channels_last), a.data_ptr(), b.data_ptr(), float(low), float(high), torch.get_num_threads())
     return out
+
+
+def lookup(flat: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = table[flat[i]]`` (int8 ``flat``: ``table[flat[i] + 128]``) for 1-d contiguous 8-bit ``flat`` and
+    ``out`` of one length and a contiguous 256-entry table of a 1-byte dtype; one pass."""
+    lib = _library()
+    assert lib is not None
+    if flat.dtype not in (torch.uint8, torch.int8) or table.element_size() != 1 or table.numel() != 256 or \
+            out.dtype != table.dtype or flat.numel() != out.numel() or flat.dim() != 1 or out.dim() != 1 or \
+            not (flat.is_contiguous() and out.is_contiguous() and table.is_contiguous()):
+        raise ValueError(f"native.lookup: needs 1-d contiguous 8-bit input and output of one length and a 256-entry "
+                         f"1-byte table; got {flat.dtype} {tuple(flat.shape)}, table {table.dtype} "
+                         f"{tuple(table.shape)}, out {out.dtype} {tuple(out.shape)}")
+    lib.fxq_lookup_u8(flat.data_ptr(), out.data_ptr(), flat.numel(), table.data_ptr(),
+                      0x80 if flat.dtype == torch.int8 else 0, torch.get_num_threads())
 
 
 def mean_requantize(x: torch.Tensor, a: float, b: float, low: int, high: int) -> torch.Tensor:

@@ -126,7 +126,15 @@ def lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
     Large dense tensors (channels-last images included) index the table with int32 positions in memory order
     (``index_select``: ~4x faster than ``take``'s int64 gather, measured at 0.8 M elements) into an output laid
-    out like ``q``."""
+    out like ``q``; with the native library, dense CPU tensors of any size and a 1-byte table take one native pass
+    (:func:`fxquant.kernels.native.lookup`)."""
+    if not torch.compiler.is_compiling() and q.is_cpu and table.element_size() == 1 and table.is_contiguous() and \
+            q.dtype in (torch.uint8, torch.int8) and native.available():
+        flat = _storage_view(q)
+        if flat is not None:
+            out = torch.empty_like(q, dtype=table.dtype)
+            native.lookup(flat, table, _storage_view(out))
+            return out
     flat = _storage_view(q) if q.numel() >= _FLAT_LOOKUP_MIN and not torch.compiler.is_compiling() else None
     if flat is None:
         return table.take(table_index(q))

@@ -1,7 +1,11 @@
-// A per-channel affine map of a uint8 image requantized in one pass (an eval-mode batch norm, relu through the
+// Element-wise maps of 8-bit activations in one pass.
+//
+// fxq_affine_u8: a per-channel affine map of a uint8 image requantized (an eval-mode batch norm, relu through the
 // lower bound): out = round(clamp(x * a[c] + b[c], low, high)), 8 values per AVX2 step (widen to float, multiply,
 // add, clamp, round half to even, narrow) -- the float arithmetic of aten's addcmul(b, x, a) followed by round and
 // clamp, where aten takes four passes and two float temporaries.
+// fxq_lookup_u8: a 256-entry byte table applied to each value (an activation / requantization on 8-bit values:
+// GELU, hardswish, sigmoid, a change of qparams), where aten widens the indices to int32 or int64 and gathers.
 // Part of fxquant's native library (built with fxquant_native.cpp by fxquant/kernels/native.py).
 // The library runs only where FBGEMM does (fxq_cpu_supported: AVX2), so this file targets it directly.
 #pragma GCC target("avx2")
@@ -57,6 +61,36 @@ void fxq_affine_u8(const std::uint8_t* x, std::uint8_t* out, std::int64_t batch,
     } else {
       affine_row<false>(x + r * width, out + r * width, width, a + r % channels, b + r % channels, low, high);
     }
+  }
+}
+
+// out[i] = table[x[i] ^ flip] over n bytes (flip = 0x80 for int8 input: the table is indexed by q + 128). 32 bytes
+// per step: for each of the 16 rows of 16 entries, vpshufb looks the low nibbles up in that row, and an index whose
+// high nibble is not the row's is pushed to 0x80 and up by a saturating add (vpshufb then yields 0), so OR-ing the
+// 16 results leaves each byte its own entry
+void fxq_lookup_u8(const std::uint8_t* x, std::uint8_t* out, std::int64_t n, const std::uint8_t* table, int flip,
+                   int threads) {
+  const std::uint8_t f = static_cast<std::uint8_t>(flip);
+  __m256i rows[16];
+  for (int h = 0; h < 16; ++h) {
+    rows[h] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * h)));
+  }
+  const std::int64_t blocks = (n + 4095) / 4096;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && n >= 262144) schedule(static)
+  for (std::int64_t block = 0; block < blocks; ++block) {
+    const std::int64_t end = block * 4096 + 4096 < n ? block * 4096 + 4096 : n;
+    const __m256i vflip = _mm256_set1_epi8(static_cast<char>(f)), push = _mm256_set1_epi8(0x70);
+    std::int64_t i = block * 4096;
+    for (; i + 32 <= end; i += 32) {
+      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), vflip);
+      __m256i r = _mm256_setzero_si256();
+      for (int h = 0; h < 16; ++h) {
+        const __m256i idx = _mm256_adds_epu8(_mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(h << 4))), push);
+        r = _mm256_or_si256(r, _mm256_shuffle_epi8(rows[h], idx));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), r);
+    }
+    for (; i < end; ++i) out[i] = table[x[i] ^ f];
   }
 }
 
