@@ -92,6 +92,25 @@ def test_lowered_output_matches_reference(results, name):
         assert (steps > 1.001).float().mean().item() <= max_frac, f"{name}: {(steps > 1.001).float().mean():.3f}"
 
 
+@pytest.mark.parametrize("name", ["resnet18", "segmentation_head", "branchy", "functional"])
+def test_quantize_read_only_by_convs_gives_channels_last(results, name):
+    """A Quantize whose every reader is a lowered 2-d conv writes the channels-last layout their int8 kernels read
+    (one native pass instead of quantize + copy); any other reader keeps the input's layout."""
+    gm = results(name).lowered
+    seen = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(gm.get_submodule(node.target)).__name__ != "Quantize":
+            continue
+        seen += 1
+        readers = {type(gm.get_submodule(u.target)).__name__ if u.op == "call_module" else u.op for u in node.users}
+        assert gm.get_submodule(node.target).channels_last == (readers == {"Conv2d"}), (node.name, readers)
+    assert seen
+    if name in ("resnet18", "segmentation_head"):
+        batch = results(name).spec.calibration_data(n_batches=1, seed=3)[0]
+        quant = gm.get_submodule("x_quantize")
+        assert quant.channels_last and quant(batch[0]).is_contiguous(memory_format=torch.channels_last)
+
+
 def _assert_sqnr(low: torch.Tensor, ref: torch.Tensor, min_db: float) -> None:
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - low).pow(2).sum().clamp(min=1e-30)).item()
     assert sqnr >= min_db, f"lowered vs reference: {sqnr:.1f} dB < {min_db} dB"

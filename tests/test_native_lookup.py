@@ -61,7 +61,12 @@ def test_bad_arguments_raise() -> None:
     x, table = torch.zeros(8, dtype=torch.uint8), torch.zeros(256, dtype=torch.uint8)
     with pytest.raises(ValueError, match="256-entry"):
         native.lookup(x, torch.zeros(128, dtype=torch.uint8), torch.empty(8, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="one length"):
+    with pytest.raises(ValueError, match="shape and strides"):
         native.lookup(x, table, torch.empty(9, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="shape and strides"):  # an image and an output of another layout
+        image = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+        native.lookup(image, table, torch.empty_like(image, memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="dense"):
+        native.lookup(torch.zeros(8, 2, dtype=torch.uint8).t(), table, torch.empty(2, 8, dtype=torch.uint8).t())
     with pytest.raises(ValueError):
         native.lookup(x, torch.zeros(256), torch.empty(8))

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 
 __all__ = ["available", "status", "build", "library_path", "ConvPlan", "DynamicLinearPlan", "StaticLinearPlan", "add",
-           "mul_gate", "mean_requantize", "channel_affine", "lookup", "EmbeddingTable", "max_pool2d", "quantize", "rnn_recurrence", "SOURCE"]
+           "mul_gate", "mean_requantize", "channel_affine", "lookup", "dense", "EmbeddingTable", "max_pool2d", "quantize", "dequantize", "rnn_recurrence", "SOURCE"]
 
 SOURCE = pathlib.Path(__file__).with_name("_native") / "fxquant_native.cpp"
 # built into the same library
-EXTRA_SOURCES = tuple(SOURCE.with_name(f"fxquant_{name}.cpp") for name in ("rnn", "embedding", "pool", "affine"))
-_ABI_VERSION = 12
+EXTRA_SOURCES = tuple(SOURCE.with_name(f"fxquant_{name}.cpp") for name in ("rnn", "embedding", "pool", "affine", "float"))
+HEADERS = (SOURCE.with_name("fxquant_parallel.h"),)
+_ABI_VERSION = 13
 # C++20: torch 2.14's FBGEMM headers use concepts and std::bit_cast (torch itself is built as C++20)
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
@@ -66,7 +67,7 @@ def _torch_paths() -> tuple[pathlib.Path, pathlib.Path]:
 
 def _library_path(compiler: str) -> pathlib.Path:
     key = hashlib.sha256()
-    for source in (SOURCE, *EXTRA_SOURCES):
+    for source in (SOURCE, *EXTRA_SOURCES, *HEADERS):
         key.update(source.read_bytes())
     key.update(f"{torch.__version__}|{torch.__file__}|{compiler}|{sys.platform}|{_FLAGS}".encode())
     return _cache_dir() / f"fxquant_native_{key.hexdigest()[:16]}.so"
@@ -115,7 +116,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fxq_add_u8.restype = None
     lib.fxq_add_u8.argtypes = [p, p, p, i64, f, f, f, f, f, i]
     lib.fxq_quantize_f32.restype = None
-    lib.fxq_quantize_f32.argtypes = [p, p, i64, f, f, f, f]
+    lib.fxq_quantize_f32.argtypes = [p, p, i64, f, f, f, f, i]
+    lib.fxq_quantize_nhwc_f32.restype = None
+    lib.fxq_quantize_nhwc_f32.argtypes = [p, p, i64, i64, i64, f, f, f, f, i]
+    lib.fxq_dequantize_8bit.restype = None
+    lib.fxq_dequantize_8bit.argtypes = [p, p, i64, f, f, i, i]
     lib.fxq_mean_u8.restype = None
     lib.fxq_mean_u8.argtypes = [p, p, i64, i64, i64, i, f, f, f, f]
     lib.fxq_mul_gate_u8.restype = None
@@ -589,19 +594,33 @@ def channel_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: int, 
     return out
 
 
-def lookup(flat: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[i] = table[flat[i]]`` (int8 ``flat``: ``table[flat[i] + 128]``) for 1-d contiguous 8-bit ``flat`` and
-    ``out`` of one length and a contiguous 256-entry table of a 1-byte dtype; one pass."""
+def dense(t: torch.Tensor) -> bool:
+    """Contiguous, or a channels-last image / volume: the layouts whose elements fill memory without gaps (the
+    element-wise kernels walk them in memory order; ``torch.empty_like`` gives the same layout)."""
+    if t.is_contiguous():
+        return True
+    layout = _CHANNELS_LAST.get(t.dim())
+    return layout is not None and t.is_contiguous(memory_format=layout)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def lookup(q: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = table[q[i]]`` (int8 ``q``: ``table[q[i] + 128]``) element by element in memory order, for a
+    :func:`dense` 8-bit ``q``, ``out`` of its shape and strides (``torch.empty_like(q, dtype=table.dtype)``) and a
+    contiguous 256-entry table of a 1-byte dtype; one pass."""
     lib = _library()
     assert lib is not None
-    if flat.dtype not in (torch.uint8, torch.int8) or table.element_size() != 1 or table.numel() != 256 or \
-            out.dtype != table.dtype or flat.numel() != out.numel() or flat.dim() != 1 or out.dim() != 1 or \
-            not (flat.is_contiguous() and out.is_contiguous() and table.is_contiguous()):
-        raise ValueError(f"native.lookup: needs 1-d contiguous 8-bit input and output of one length and a 256-entry "
-                         f"1-byte table; got {flat.dtype} {tuple(flat.shape)}, table {table.dtype} "
-                         f"{tuple(table.shape)}, out {out.dtype} {tuple(out.shape)}")
-    lib.fxq_lookup_u8(flat.data_ptr(), out.data_ptr(), flat.numel(), table.data_ptr(),
-                      0x80 if flat.dtype == torch.int8 else 0, torch.get_num_threads())
+    if q.dtype not in (torch.uint8, torch.int8) or table.element_size() != 1 or table.numel() != 256 or \
+            out.dtype != table.dtype or q.shape != out.shape or q.stride() != out.stride() or not dense(q) or \
+            not table.is_contiguous():
+        raise ValueError(f"native.lookup: needs a dense 8-bit input, an output of its shape and strides and a "
+                         f"contiguous 256-entry 1-byte table; got {q.dtype} {tuple(q.shape)} strides {q.stride()}, "
+                         f"table {table.dtype} {tuple(table.shape)}, out {out.dtype} {tuple(out.shape)} strides "
+                         f"{out.stride()}")
+    lib.fxq_lookup_u8(q.data_ptr(), out.data_ptr(), q.numel(), table.data_ptr(),
+                      0x80 if q.dtype == torch.int8 else 0, torch.get_num_threads())
 
 
 def mean_requantize(x: torch.Tensor, a: float, b: float, low: int, high: int) -> torch.Tensor:
@@ -617,14 +636,42 @@ def mean_requantize(x: torch.Tensor, a: float, b: float, low: int, high: int) ->
     return out
 
 
-def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, low: int, high: int,
-             dtype: torch.dtype) -> torch.Tensor:
-    """``round(clamp(zero_point + x * inv_scale, low, high))`` as uint8 / int8 for dense float32 ``x`` (contiguous or
-    channels-last; the result keeps the layout): one pass where aten needs five."""
+_BYTE_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, low: int, high: int, dtype: torch.dtype,
+             channels_last: bool = False) -> torch.Tensor:
+    """``round(clamp(zero_point + x * inv_scale, low, high))`` (half to even; the product rounded before the
+    addition) as uint8 / int8 for dense float32 ``x`` (contiguous or channels-last; the result keeps the layout):
+    one AVX2 pass where aten needs four. ``channels_last``: a contiguous 4-d ``x`` gives a channels-last result in
+    the same pass (aten: quantize, then copy). The caller checks ``x`` (:func:`fxquant.kernels.uint8.dense_cpu_f32`)."""
     lib = _library()
     assert lib is not None
+    bounds = _BYTE_RANGES.get(dtype)
+    if bounds is None or not bounds[0] <= low <= high <= bounds[1]:
+        raise ValueError(f"native.quantize: needs uint8 with 0 <= low <= high <= 255 or int8 with -128 <= low <= high "
+                         f"<= 127; got {dtype}, low={low}, high={high}")
+    if channels_last and x.dim() == 4 and x.is_contiguous() and x.shape[1] > 1:
+        n, c, h, w = x.shape
+        out = torch.empty((n, c, h, w), dtype=dtype, memory_format=torch.channels_last)
+        lib.fxq_quantize_nhwc_f32(x.data_ptr(), out.data_ptr(), n, c, h * w, inv_scale, float(zero_point),
+                                  float(low), float(high), torch.get_num_threads())
+        return out
     out = torch.empty_like(x, dtype=dtype)
     lib.fxq_quantize_f32(x.data_ptr(), out.data_ptr(), x.numel(), inv_scale, float(zero_point), float(low),
-                         float(high))
+                         float(high), torch.get_num_threads())
+    return out
+
+
+def dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32 for a dense uint8 / int8 ``q`` (contiguous or channels-last; the
+    result keeps the layout): the reference's arithmetic (an exact difference, one rounding) in one AVX2 pass."""
+    lib = _library()
+    assert lib is not None
+    if q.dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"native.dequantize: needs a uint8 / int8 tensor, got {q.dtype}")
+    out = torch.empty_like(q, dtype=torch.float32)
+    lib.fxq_dequantize_8bit(q.data_ptr(), out.data_ptr(), q.numel(), scale, float(zero_point),
+                            int(q.dtype == torch.int8), torch.get_num_threads())
     return out
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fxquant.kernels import native
 
-__all__ = ["quantize", "dequantize", "dequantize_exact", "fold_safe", "FOLD_LIMIT", "folds_exactly", "STEPS_LIMIT",
+__all__ = ["quantize", "dequantize", "dequantize_exact", "widen", "native_ready", "fold_safe", "FOLD_LIMIT", "folds_exactly", "STEPS_LIMIT",
            "lookup", "round_to", "binary", "binary_consts", "table_index", "max_pool1d", "max_pool2d", "max_pool3d",
            "interpolate", "offset", "finish", "RANGES", "Offset", "ROUNDING_MAGIC"]
 
@@ -54,7 +54,25 @@ def finish(y: torch.Tensor, quant_min: int, quant_max: int, dtype: torch.dtype) 
     (59 vs 72 us at 1x160x14x14, 83 vs 167 us at 1x32x56x56, 0.32 vs 1.0 ms at 1x256x56x56)."""
     if dtype not in RANGES or y.dtype != torch.float32:
         return y.round_().clamp_(quant_min, quant_max).to(dtype)
+    if native_ready(y):  # one AVX2 pass (the same rounding of the clamped value), where aten takes four
+        return native.quantize(y, 1.0, 0, quant_min, quant_max, dtype)
     return y.clamp_(quant_min, quant_max).add_(ROUNDING_MAGIC).view(torch.int32).to(dtype)
+
+
+def native_ready(t: torch.Tensor) -> bool:
+    """Whether the native element-wise kernels take ``t``: eager mode, a dense (contiguous or channels-last) CPU
+    tensor, the library built."""
+    return t.is_cpu and not torch.compiler.is_compiling() and native.available() and native.dense(t)
+
+
+def widen(q: torch.Tensor, zero_point: int, neg_zero_point: Offset | None = None) -> torch.Tensor:
+    """``q - zero_point`` as float32 (exact); ``neg_zero_point``: :func:`offset` of ``-zero_point`` for the aten
+    form (one add), built here when not given."""
+    if native_ready(q):
+        return native.dequantize(q, 1.0, zero_point)
+    if not zero_point:
+        return q.to(torch.float32)
+    return torch.add(offset(-zero_point) if neg_zero_point is None else neg_zero_point, q)
 
 
 def quantize(x: torch.Tensor, inv_scale: float, bias: Offset, quant_min: int, quant_max: int,
@@ -71,6 +89,8 @@ def dequantize(q: torch.Tensor, scale: float, bias: Offset) -> torch.Tensor:
 
 def dequantize_exact(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """``(q - zero_point) * scale`` in float32 as the reference computes it (a zero point gives exactly 0)."""
+    if q.dtype in RANGES and native_ready(q):
+        return native.dequantize(q, scale, zero_point)
     y = q.to(torch.float32)
     return (y.sub_(zero_point) if zero_point else y).mul_(scale)
 
@@ -128,13 +148,10 @@ def lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     (``index_select``: ~4x faster than ``take``'s int64 gather, measured at 0.8 M elements) into an output laid
     out like ``q``; with the native library, dense CPU tensors of any size and a 1-byte table take one native pass
     (:func:`fxquant.kernels.native.lookup`)."""
-    if not torch.compiler.is_compiling() and q.is_cpu and table.element_size() == 1 and table.is_contiguous() and \
-            q.dtype in (torch.uint8, torch.int8) and native.available():
-        flat = _storage_view(q)
-        if flat is not None:
-            out = torch.empty_like(q, dtype=table.dtype)
-            native.lookup(flat, table, _storage_view(out))
-            return out
+    if table.element_size() == 1 and q.dtype in RANGES and native_ready(q) and table.is_contiguous():
+        out = torch.empty_like(q, dtype=table.dtype)
+        native.lookup(q, table, out)
+        return out
     flat = _storage_view(q) if q.numel() >= _FLAT_LOOKUP_MIN and not torch.compiler.is_compiling() else None
     if flat is None:
         return table.take(table_index(q))

@@ -10,9 +10,9 @@
 // The library runs only where FBGEMM does (fxq_cpu_supported: AVX2), so this file targets it directly.
 #pragma GCC target("avx2")
 #include <immintrin.h>
-#include <omp.h>
-
 #include <cstdint>
+
+#include "fxquant_parallel.h"
 
 namespace {
 
@@ -54,14 +54,13 @@ void fxq_affine_u8(const std::uint8_t* x, std::uint8_t* out, std::int64_t batch,
                    int threads) {
   const std::int64_t rows = batch * (channels_last ? positions : channels);
   const std::int64_t width = channels_last ? channels : positions;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && rows * width >= 65536) schedule(static)
-  for (std::int64_t r = 0; r < rows; ++r) {
+  fxq::for_each_block(rows, rows * width >= 65536, threads, [&](std::int64_t r) {
     if (channels_last) {
       affine_row<true>(x + r * width, out + r * width, width, a, b, low, high);
     } else {
       affine_row<false>(x + r * width, out + r * width, width, a + r % channels, b + r % channels, low, high);
     }
-  }
+  });
 }
 
 // out[i] = table[x[i] ^ flip] over n bytes (flip = 0x80 for int8 input: the table is indexed by q + 128). 32 bytes
@@ -76,8 +75,7 @@ void fxq_lookup_u8(const std::uint8_t* x, std::uint8_t* out, std::int64_t n, con
     rows[h] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * h)));
   }
   const std::int64_t blocks = (n + 4095) / 4096;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && n >= 262144) schedule(static)
-  for (std::int64_t block = 0; block < blocks; ++block) {
+  fxq::for_each_block(blocks, n >= 262144, threads, [&](std::int64_t block) {
     const std::int64_t end = block * 4096 + 4096 < n ? block * 4096 + 4096 : n;
     const __m256i vflip = _mm256_set1_epi8(static_cast<char>(f)), push = _mm256_set1_epi8(0x70);
     std::int64_t i = block * 4096;
@@ -91,7 +89,7 @@ void fxq_lookup_u8(const std::uint8_t* x, std::uint8_t* out, std::int64_t n, con
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), r);
     }
     for (; i < end; ++i) out[i] = table[x[i] ^ f];
-  }
+  });
 }
 
 }  // extern "C"

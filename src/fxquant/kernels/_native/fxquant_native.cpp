@@ -339,7 +339,7 @@ inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ?
 
 extern "C" {
 
-int fxq_abi_version() { return 12; }
+int fxq_abi_version() { return 13; }
 
 int fxq_cpu_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
@@ -449,11 +449,16 @@ __attribute__((target_clones("avx2", "default"))) void fxq_add_u8(const std::uin
                                                                    std::uint8_t* out, std::int64_t n, float ka,
                                                                    float kb, float c, float low, float high,
                                                                    int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1 && n >= 65536) schedule(static)
-  for (std::int64_t i = 0; i < n; ++i) {
+  const auto one = [=](std::int64_t i) {
     float v = c + static_cast<float>(a[i]) * ka;
     v = v + static_cast<float>(b[i]) * kb;
     out[i] = round_byte(clamp(v, low, high));
+  };
+  if (threads > 1 && n >= 65536) {  // (no OpenMP region when serial: see fxquant_parallel.h)
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) one(i);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) one(i);
   }
 }
 
@@ -476,35 +481,29 @@ __attribute__((target_clones("avx2", "default"))) void fxq_mul_gate_u8(const std
     std::uint8_t* dst = out + b * channels * positions;
     const float* fp = f.data();
     const float* sp = s.data();
-    if (channels_last) {
-#pragma omp parallel for num_threads(threads) if (threads > 1 && positions * channels >= 65536) schedule(static)
-      for (std::int64_t p = 0; p < positions; ++p) {
-        const std::uint8_t* row = src + p * channels;
-        std::uint8_t* o = dst + p * channels;
+    // one row: a position's channels (channels-last) or a channel's positions
+    const auto row = [=](std::int64_t r) {
+      const std::uint8_t* in = src + r * (channels_last ? channels : positions);
+      std::uint8_t* o = dst + r * (channels_last ? channels : positions);
+      if (channels_last) {
         for (std::int64_t ch = 0; ch < channels; ++ch) {
-          o[ch] = round_byte(clamp(static_cast<float>(row[ch]) * fp[ch] + sp[ch], low, high));
+          o[ch] = round_byte(clamp(static_cast<float>(in[ch]) * fp[ch] + sp[ch], low, high));
         }
-      }
-    } else {
-#pragma omp parallel for num_threads(threads) if (threads > 1 && positions * channels >= 65536) schedule(static)
-      for (std::int64_t ch = 0; ch < channels; ++ch) {
-        const std::uint8_t* row = src + ch * positions;
-        std::uint8_t* o = dst + ch * positions;
-        const float fc = fp[ch], sc = sp[ch];
+      } else {
+        const float fc = fp[r], sc = sp[r];
         for (std::int64_t p = 0; p < positions; ++p) {
-          o[p] = round_byte(clamp(static_cast<float>(row[p]) * fc + sc, low, high));
+          o[p] = round_byte(clamp(static_cast<float>(in[p]) * fc + sc, low, high));
         }
       }
+    };
+    const std::int64_t rows = channels_last ? positions : channels;
+    if (threads > 1 && positions * channels >= 65536) {  // (no OpenMP region when serial: fxquant_parallel.h)
+#pragma omp parallel for num_threads(threads) schedule(static)
+      for (std::int64_t r = 0; r < rows; ++r) row(r);
+    } else {
+      for (std::int64_t r = 0; r < rows; ++r) row(r);
     }
   }
-}
-
-// out[i] = round(clamp(zero_point + x[i] * inv_scale, low, high)) as uint8 or int8 (the low byte of the rounded
-// value, two's complement), over n float elements
-__attribute__((target_clones("avx2", "default"))) void fxq_quantize_f32(const float* x, std::uint8_t* out,
-                                                                         std::int64_t n, float inv_scale,
-                                                                         float zero_point, float low, float high) {
-  for (std::int64_t i = 0; i < n; ++i) out[i] = round_byte(clamp(zero_point + x[i] * inv_scale, low, high));
 }
 
 // A global average pool requantized: out[n, c] = round(clamp(b + (sum over positions / positions) * a, low, high))

@@ -6,9 +6,9 @@
 // The library runs only where FBGEMM does (fxq_cpu_supported: AVX2), so this file targets it directly.
 #pragma GCC target("avx2")
 #include <immintrin.h>
-#include <omp.h>
-
 #include <cstdint>
+
+#include "fxquant_parallel.h"
 
 namespace {
 
@@ -39,8 +39,7 @@ void pool(const std::uint8_t* x, std::uint8_t* out, std::int64_t batch, std::int
   const std::uint8_t lowest = SIGNED ? 0x80 : 0;  // the smallest value: the start of every maximum
   const std::int64_t row_step = static_cast<std::int64_t>(dilation[0]) * width * channels;
   const std::int64_t col_step = static_cast<std::int64_t>(dilation[1]) * channels;
-#pragma omp parallel for num_threads(threads) if (parallel) schedule(static)
-  for (std::int64_t line = 0; line < lines; ++line) {
+  fxq::for_each_block(lines, parallel, threads, [&](std::int64_t line) {
     const std::int64_t n = line / out_h, oh = line % out_h;
     const std::int64_t h0 = oh * stride[0] - padding[0];
     int i0, i1;
@@ -74,7 +73,7 @@ void pool(const std::uint8_t* x, std::uint8_t* out, std::int64_t batch, std::int
         dst[c] = acc;
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -108,8 +108,7 @@ __attribute__((target_clones("avx2", "default"))) void step_cells(int gru, const
                                                                    std::int64_t out_stride, int rows, int hidden,
                                                                    int threads) {
   const std::int64_t n = hidden;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && rows > 1 && rows * n >= 2048) schedule(static)
-  for (int r = 0; r < rows; ++r) {
+  const auto cell = [=](int r) {
     const float* x = gx + r * gx_stride;
     float* o = out + r * out_stride;
     if (gru) {
@@ -119,6 +118,12 @@ __attribute__((target_clones("avx2", "default"))) void step_cells(int gru, const
       const float* y = gh + r * 4 * n;
       lstm_row(x, x + n, x + 2 * n, x + 3 * n, y, y + n, y + 2 * n, y + 3 * n, c + r * n, h + r * n, o, hidden);
     }
+  };
+  if (threads > 1 && rows > 1 && rows * n >= 2048) {  // (no OpenMP region when serial: fxquant_parallel.h)
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; ++r) cell(r);
+  } else {
+    for (int r = 0; r < rows; ++r) cell(r);
   }
 }
 

@@ -264,7 +264,7 @@ def _float_plan(mod: _QuantizedConvNd, kernel: str) -> Plan:
     unit = (1,) * mod._SPATIAL
 
     def run(x: torch.Tensor, other: Any) -> torch.Tensor:
-        xf = x.to(torch.float32) if neg_zp is None else torch.add(neg_zp, x)
+        xf = uint8.widen(x, zp_in, neg_zp)
         if w_matrix is not None and xf.shape[2:] == unit:
             y = F.linear(xf.reshape(xf.shape[0], -1), w_matrix, b).reshape(xf.shape[0], -1, *unit)
         else:

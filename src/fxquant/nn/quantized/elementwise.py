@@ -106,8 +106,9 @@ class Quantize(_ScalarModule):
             y = torch.round(x * torch.reciprocal(self.scale) + self.zero_point)
             return y.clamp(self.quant_min, self.quant_max).to(self.dtype)
         inv, bias, zp = self._scalars()
-        if x.dtype == torch.float32 and x.is_cpu and _dense(x) and _native_elementwise(self):
-            q = native.quantize(x, inv, zp, self.quant_min, self.quant_max, self.dtype)
+        if x.dtype == torch.float32 and x.is_cpu and native.dense(x) and _native_elementwise(self):
+            # (a contiguous image is quantized straight into the channels-last layout)
+            q = native.quantize(x, inv, zp, self.quant_min, self.quant_max, self.dtype, self.channels_last)
         else:
             q = k.quantize(x, inv, bias, self.quant_min, self.quant_max, self.dtype)
         return q.contiguous(memory_format=torch.channels_last) if self.channels_last and q.dim() == 4 else q
@@ -140,7 +141,9 @@ class DeQuantize(_ScalarModule):
         if torch.compiler.is_compiling():
             return (q.to(torch.float32) - self.zero_point) * self.scale
         scale, bias, zp = self._scalars()
-        return k.dequantize_exact(q, scale, zp) if bias is None else k.dequantize(q, scale, bias)
+        if bias is None or (q.dtype in k.RANGES and k.native_ready(q)):  # (native: exact and one pass)
+            return k.dequantize_exact(q, scale, zp)
+        return k.dequantize(q, scale, bias)
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
@@ -221,7 +224,7 @@ class Requantize(_ScalarModule):
 
     def _native_mean(self, q: torch.Tensor) -> torch.Tensor | None:
         """The global mean and the requantization in one native pass, where it applies (else None)."""
-        if not (q.dtype == self.dtype == torch.uint8 and q.is_cpu and q.dim() == 4 and _dense(q)):
+        if not (q.dtype == self.dtype == torch.uint8 and q.is_cpu and q.dim() == 4 and native.dense(q)):
             return None
         consts = self._kernel_cache.get("native_mean")
         if consts is None:
@@ -254,19 +257,11 @@ def _native_elementwise(mod: nn.Module) -> bool:
     return choice  # type: ignore[no-any-return]
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Contiguous, or a channels-last image / volume (the layouts the native kernels walk in memory order)."""
-    if t.is_contiguous():
-        return True
-    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return layout is not None and t.is_contiguous(memory_format=layout)
-
-
 def _gated(big: torch.Tensor, gate: torch.Tensor) -> bool:
     """``big`` (N, C, *spatial) times ``gate`` (N, C, 1, ...): one value per (batch, channel)."""
     return (big.dim() >= 3 and gate.dim() == big.dim() and gate.shape[:2] == big.shape[:2]
             and all(v == 1 for v in gate.shape[2:]) and math.prod(big.shape[2:]) > 1 and big.numel() > 0
-            and _dense(big))
+            and native.dense(big))
 
 
 class QuantizedBinary(_ScalarModule):
@@ -312,7 +307,7 @@ class QuantizedBinary(_ScalarModule):
         tensors laid out alike, or a product with a gate holding one value per (batch, channel); else None."""
         swapped = False
         if self.op == "add":
-            if a.shape != b.shape or a.stride() != b.stride() or not _dense(a):
+            if a.shape != b.shape or a.stride() != b.stride() or not native.dense(a):
                 return None
         elif not _gated(a, b):
             if not _gated(b, a):
