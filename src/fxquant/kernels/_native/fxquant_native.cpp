@@ -449,59 +449,68 @@ __attribute__((target_clones("avx2", "default"))) void fxq_add_u8(const std::uin
                                                                    std::uint8_t* out, std::int64_t n, float ka,
                                                                    float kb, float c, float low, float high,
                                                                    int threads) {
-  const auto one = [=](std::int64_t i) {
-    float v = c + static_cast<float>(a[i]) * ka;
-    v = v + static_cast<float>(b[i]) * kb;
-    out[i] = round_byte(clamp(v, low, high));
-  };
-  if (threads > 1 && n >= 65536) {  // (no OpenMP region when serial: see fxquant_parallel.h)
+  // (the loop written twice: no OpenMP region when serial, see fxquant_parallel.h; no lambda, which a
+  // target_clones function would not vectorize)
+  if (threads > 1 && n >= 65536) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (std::int64_t i = 0; i < n; ++i) one(i);
+    for (std::int64_t i = 0; i < n; ++i) {
+      out[i] = round_byte(clamp((c + static_cast<float>(a[i]) * ka) + static_cast<float>(b[i]) * kb, low, high));
+    }
   } else {
-    for (std::int64_t i = 0; i < n; ++i) one(i);
+    for (std::int64_t i = 0; i < n; ++i) {
+      out[i] = round_byte(clamp((c + static_cast<float>(a[i]) * ka) + static_cast<float>(b[i]) * kb, low, high));
+    }
+  }
+}
+
+// Rows [begin, end) of a gated product: a position's channels (channels-last) or a channel's positions
+static __attribute__((target_clones("avx2", "default"))) void gate_rows(const std::uint8_t* src, std::uint8_t* dst,
+                                                                  std::int64_t begin, std::int64_t end,
+                                                                  std::int64_t channels, std::int64_t positions,
+                                                                  int channels_last, const float* fp,
+                                                                  const float* sp, float low, float high) {
+  if (channels_last) {
+    for (std::int64_t p = begin; p < end; ++p) {
+      const std::uint8_t* row = src + p * channels;
+      std::uint8_t* o = dst + p * channels;
+      for (std::int64_t ch = 0; ch < channels; ++ch) {
+        o[ch] = round_byte(clamp(static_cast<float>(row[ch]) * fp[ch] + sp[ch], low, high));
+      }
+    }
+  } else {
+    for (std::int64_t ch = begin; ch < end; ++ch) {
+      const std::uint8_t* row = src + ch * positions;
+      std::uint8_t* o = dst + ch * positions;
+      const float fc = fp[ch], sc = sp[ch];
+      for (std::int64_t p = 0; p < positions; ++p) {
+        o[p] = round_byte(clamp(static_cast<float>(row[p]) * fc + sc, low, high));
+      }
+    }
   }
 }
 
 // A product whose one operand has one value per (batch, channel) (a squeeze-excite gate times a feature map):
 // out = round(clamp(big * f + s, low, high)) with f = k * (small - z_small), s = c - z_big * f, for big laid out as
 // (batch, channels, positions) (channels_last = 0) or (batch, positions, channels) (channels_last = 1).
-__attribute__((target_clones("avx2", "default"))) void fxq_mul_gate_u8(const std::uint8_t* big,
-                                                                        const std::uint8_t* small, std::uint8_t* out,
-                                                                        std::int64_t batch, std::int64_t channels,
-                                                                        std::int64_t positions, int channels_last,
-                                                                        float k, float z_big, float z_small, float c,
-                                                                        float low, float high, int threads) {
+void fxq_mul_gate_u8(const std::uint8_t* big, const std::uint8_t* small, std::uint8_t* out, std::int64_t batch,
+                     std::int64_t channels, std::int64_t positions, int channels_last, float k, float z_big,
+                     float z_small, float c, float low, float high, int threads) {
+  std::vector<float> f(channels), s(channels);
   for (std::int64_t b = 0; b < batch; ++b) {
-    std::vector<float> f(channels), s(channels);
     for (std::int64_t ch = 0; ch < channels; ++ch) {
       f[ch] = k * (static_cast<float>(small[b * channels + ch]) - z_small);
       s[ch] = c - z_big * f[ch];
     }
     const std::uint8_t* src = big + b * channels * positions;
     std::uint8_t* dst = out + b * channels * positions;
-    const float* fp = f.data();
-    const float* sp = s.data();
-    // one row: a position's channels (channels-last) or a channel's positions
-    const auto row = [=](std::int64_t r) {
-      const std::uint8_t* in = src + r * (channels_last ? channels : positions);
-      std::uint8_t* o = dst + r * (channels_last ? channels : positions);
-      if (channels_last) {
-        for (std::int64_t ch = 0; ch < channels; ++ch) {
-          o[ch] = round_byte(clamp(static_cast<float>(in[ch]) * fp[ch] + sp[ch], low, high));
-        }
-      } else {
-        const float fc = fp[r], sc = sp[r];
-        for (std::int64_t p = 0; p < positions; ++p) {
-          o[p] = round_byte(clamp(static_cast<float>(in[p]) * fc + sc, low, high));
-        }
-      }
-    };
     const std::int64_t rows = channels_last ? positions : channels;
     if (threads > 1 && positions * channels >= 65536) {  // (no OpenMP region when serial: fxquant_parallel.h)
 #pragma omp parallel for num_threads(threads) schedule(static)
-      for (std::int64_t r = 0; r < rows; ++r) row(r);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        gate_rows(src, dst, r, r + 1, channels, positions, channels_last, f.data(), s.data(), low, high);
+      }
     } else {
-      for (std::int64_t r = 0; r < rows; ++r) row(r);
+      gate_rows(src, dst, 0, rows, channels, positions, channels_last, f.data(), s.data(), low, high);
     }
   }
 }

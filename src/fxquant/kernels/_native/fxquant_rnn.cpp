@@ -102,13 +102,14 @@ inline void gru_row(const float* __restrict xr, const float* __restrict xz, cons
   }
 }
 
-// one step on `rows` rows: x = the rows' input projections (gx_stride apart), y = their hidden projections (packed)
-__attribute__((target_clones("avx2", "default"))) void step_cells(int gru, const float* gx, std::int64_t gx_stride,
-                                                                   const float* gh, float* h, float* c, float* out,
-                                                                   std::int64_t out_stride, int rows, int hidden,
-                                                                   int threads) {
+// rows [begin, end) of one step: x = the rows' input projections (gx_stride apart), y = their hidden projections
+// (packed)
+__attribute__((target_clones("avx2", "default"))) void cells(int gru, const float* gx, std::int64_t gx_stride,
+                                                              const float* gh, float* h, float* c, float* out,
+                                                              std::int64_t out_stride, int begin, int end,
+                                                              int hidden) {
   const std::int64_t n = hidden;
-  const auto cell = [=](int r) {
+  for (int r = begin; r < end; ++r) {
     const float* x = gx + r * gx_stride;
     float* o = out + r * out_stride;
     if (gru) {
@@ -118,12 +119,18 @@ __attribute__((target_clones("avx2", "default"))) void step_cells(int gru, const
       const float* y = gh + r * 4 * n;
       lstm_row(x, x + n, x + 2 * n, x + 3 * n, y, y + n, y + 2 * n, y + 3 * n, c + r * n, h + r * n, o, hidden);
     }
-  };
-  if (threads > 1 && rows > 1 && rows * n >= 2048) {  // (no OpenMP region when serial: fxquant_parallel.h)
+  }
+}
+
+// one step on `rows` rows, on `threads` threads for enough work (no OpenMP region when serial:
+// fxquant_parallel.h)
+void step_cells(int gru, const float* gx, std::int64_t gx_stride, const float* gh, float* h, float* c, float* out,
+                std::int64_t out_stride, int rows, int hidden, int threads) {
+  if (threads > 1 && rows > 1 && static_cast<std::int64_t>(rows) * hidden >= 2048) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r = 0; r < rows; ++r) cell(r);
+    for (int r = 0; r < rows; ++r) cells(gru, gx, gx_stride, gh, h, c, out, out_stride, r, r + 1, hidden);
   } else {
-    for (int r = 0; r < rows; ++r) cell(r);
+    cells(gru, gx, gx_stride, gh, h, c, out, out_stride, 0, rows, hidden);
   }
 }
 
