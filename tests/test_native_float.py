@@ -125,3 +125,35 @@ def test_bad_ranges_raise() -> None:
         native.quantize(x, 1.0, 0, 0, 255, torch.int32)
     with pytest.raises(ValueError, match="uint8 / int8"):
         native.dequantize(torch.zeros(4, dtype=torch.int32), 1.0, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_add_of_one_value_per_channel_takes_the_affine_pass(relu: bool, batch: int) -> None:
+    """A quantized add of (N, C, H, W) and (1, C, 1, 1) (a frozen batch norm's shift) is the native per-channel
+    affine pass: within one step of dequantize -> add -> quantize and of the aten form, in either argument
+    order, layout kept."""
+    from fxquant.nn.quantized.elementwise import QuantizedBinary
+    g = torch.Generator().manual_seed(batch)
+    big = torch.randint(0, 256, (batch, 24, 9, 11), dtype=torch.uint8, generator=g)
+    small = torch.randint(0, 256, (1, 24, 1, 1), dtype=torch.uint8, generator=g)
+    for first, second in ((big, small), (small, big), (big.contiguous(memory_format=torch.channels_last), small)):
+        mod = QuantizedBinary("add", (0.0517, 10), (0.0231, 128), (0.0613, 20), relu=relu)
+        got = mod(first, second)
+        y = ((first.float() - 10) * 0.0517 + (second.float() - 128) * 0.0231) / 0.0613 + 20
+        want = torch.round(y).clamp(20 if relu else 0, 255)
+        assert got.shape == want.shape and (got.float() - want).abs().max() <= 1
+        assert (got.float() != want).float().mean() < 0.02  # off by one only at near-ties
+        consts, relu_min = mod._scalars()
+        aten = uint8.binary("add", first, second, consts, relu_min, 0, 255, torch.uint8)
+        assert (got.int() - aten.int()).abs().max() <= 1
+        if first.shape == big.shape and not first.is_contiguous():  # the channels-last input
+            assert got.is_contiguous(memory_format=torch.channels_last)
+    # a shift that differs per sample keeps the aten form (same values as it)
+    per_sample = torch.randint(0, 256, (batch, 24, 1, 1), dtype=torch.uint8, generator=g)
+    mod = QuantizedBinary("add", (0.0517, 10), (0.0231, 128), (0.0613, 20))
+    consts, relu_min = mod._scalars()
+    if batch > 1:
+        assert torch.equal(mod(big, per_sample), uint8.binary("add", big, per_sample, consts, relu_min, 0, 255,
+                                                              torch.uint8))

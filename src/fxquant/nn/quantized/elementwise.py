@@ -257,6 +257,13 @@ def _native_elementwise(mod: nn.Module) -> bool:
     return choice  # type: ignore[no-any-return]
 
 
+def _per_channel(big: torch.Tensor, small: torch.Tensor) -> bool:
+    """``big`` (N, C, *spatial), dense, and ``small`` (1, C, 1, ...): one value per channel for the whole batch."""
+    return (big.dim() >= 3 and small.dim() == big.dim() and small.shape[0] == 1 and small.shape[1] == big.shape[1]
+            and all(v == 1 for v in small.shape[2:]) and math.prod(big.shape[2:]) > 1 and big.numel() > 0
+            and native.dense(big))
+
+
 def _gated(big: torch.Tensor, gate: torch.Tensor) -> bool:
     """``big`` (N, C, *spatial) times ``gate`` (N, C, 1, ...): one value per (batch, channel)."""
     return (big.dim() >= 3 and gate.dim() == big.dim() and gate.shape[:2] == big.shape[:2]
@@ -308,7 +315,7 @@ class QuantizedBinary(_ScalarModule):
         swapped = False
         if self.op == "add":
             if a.shape != b.shape or a.stride() != b.stride() or not native.dense(a):
-                return None
+                return self._native_channel_add(a, b, relu_min)
         elif not _gated(a, b):
             if not _gated(b, a):
                 return None
@@ -325,6 +332,26 @@ class QuantizedBinary(_ScalarModule):
         if swapped:
             za, zb = zb, za
         return native.mul_gate(a, b, k, za, zb, c, lo, hi)
+
+    def _native_channel_add(self, a: torch.Tensor, b: torch.Tensor, relu_min: int) -> torch.Tensor | None:
+        """An add of one value per channel, shared by the batch (a frozen batch norm's shift: b or a of shape
+        (1, C, 1, ...)), as the native per-channel affine pass: ``round(clamp(x * ka + (y[c] * kb + c)))``;
+        else None."""
+        if not _per_channel(a, b):
+            if not _per_channel(b, a):
+                return None
+            a, b, ka, kb = b, a, float(self.b_scale), float(self.a_scale)
+            za, zb = int(self.b_zero_point), int(self.a_zero_point)
+        else:
+            ka, kb = float(self.a_scale), float(self.b_scale)
+            za, zb = int(self.a_zero_point), int(self.b_zero_point)
+        if not _native_elementwise(self):
+            return None
+        so, zo = float(self.out_scale), int(self.out_zero_point)
+        ka, kb = ka / so, kb / so
+        shift = b.reshape(-1).to(torch.float32).mul_(kb).add_(zo - (za * ka + zb * kb))
+        return native.channel_affine(a, torch.full_like(shift, ka), shift, max(relu_min, self.quant_min),
+                                     self.quant_max)
 
     def _native_consts(self, relu_min: int) -> tuple:
         """The native kernel's constants."""
