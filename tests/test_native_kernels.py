@@ -268,6 +268,11 @@ def test_native_rule_needs_small_outputs_and_a_fitting_module():
     base = dict(rows=1, onednn_ok=True, input_7bit=True, native_ok=True, macs=10**6)
     assert x86.choose("conv", x86.Facts(**base, outputs=2**16)) == "fbgemm"
     assert x86.choose("conv", x86.Facts(**base, outputs=2**20)) != "fbgemm"  # large maps: onednn measured faster
+    # ... unless each output sums >= 1024 products (3x3 from 128 channels: FBGEMM measured 1.02-1.18x onednn)
+    big = {**base, "outputs": 256 * 56 * 56, "positions": 56 * 56}
+    assert x86.choose("conv", x86.Facts(**{**big, "macs": 256 * 56 * 56 * 2304})) == "fbgemm"
+    assert x86.choose("conv", x86.Facts(**{**big, "macs": 256 * 56 * 56 * 576})) != "fbgemm"  # 64 channels
+    assert x86.choose("conv", x86.Facts(**{**big, "macs": 256 * 56 * 56 * 2304, "pointwise": True})) != "fbgemm"
     assert x86.choose("conv", x86.Facts(**{**base, "native_ok": False}, outputs=2**16)) != "fbgemm"
     assert x86.choose("conv", x86.Facts(**{**base, "input_7bit": False}, outputs=2**16)) != "fbgemm" or \
         x86.cpu_has_vnni()

@@ -136,6 +136,8 @@ CONDITIONS: dict[str, Callable[[Facts, Any], bool]] = {
     "native": lambda f, v: (f.native_ok and native.available()) == v,
     "max_outputs": lambda f, v: 0 < f.outputs <= v,
     "max_positions": lambda f, v: 0 < f.positions <= v,
+    # multiply-accumulates per output element (conv: in_channels / groups * kernel area; 0 outputs: not known)
+    "min_reduction": lambda f, v: f.outputs > 0 and f.macs >= v * f.outputs,
 }
 
 
@@ -170,6 +172,11 @@ RULES: dict[str, tuple[Rule, ...]] = {
         # 0.8-0.93x for 1x1 convs (one and two threads) -> kernels above 1x1 with up to 14x14 outputs
         Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True,
                         "pointwise": False, "max_positions": 196}),
+        # and at any size where each output sums at least 1024 products (3x3 convs from 128 channels): FBGEMM vs
+        # onednn 1.02-1.06x at batch 1 (128-512 channels at 28x28 / 56x56), 1.03x at batch 16, 0.99-1.18x with two
+        # threads; below (64 / 96 channels: 576 / 864 products) onednn wins, 0.86-0.95x
+        Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True,
+                        "pointwise": False, "min_reduction": 1024}),
         Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False}),
         Rule("onednn", {**_EAGER_CPU, "exact_u8s8": True, "fused_ok": True}),
         Rule("onednn_unfused", {**_EAGER_CPU, "exact_u8s8": True}),

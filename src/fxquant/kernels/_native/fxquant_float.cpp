@@ -28,21 +28,32 @@ inline std::uint8_t quantize1(float x, float k, float z, float lo, float hi) {
   return static_cast<std::uint8_t>(_mm_cvtss_si32(_mm_set_ss(v)));
 }
 
-// n values of x -> out (uint8 when lo >= 0: packs_epi16 saturates signed, so values 128..255 take the unsigned
-// pack)
-inline void quantize_run(const float* x, std::uint8_t* out, std::int64_t n, float k, float z, float lo, float hi) {
+// n values of x -> out, 32 per step (UNSIGNED: values in 0..255 after the clamp, else -128..127)
+template <bool UNSIGNED>
+void quantize_run_as(const float* x, std::uint8_t* out, std::int64_t n, float k, float z, float lo, float hi) {
   const __m256 vk = _mm256_set1_ps(k), vz = _mm256_set1_ps(z), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-  const bool unsigned_out = lo >= 0.0f;
+  const auto round8 = [&](const float* p) {
+    const __m256 v = _mm256_add_ps(vz, _mm256_mul_ps(_mm256_loadu_ps(p), vk));
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi));  // half to even (MXCSR default)
+  };
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the per-lane packing
   std::int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_add_ps(vz, _mm256_mul_ps(_mm256_loadu_ps(x + i), vk));
-    v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
-    const __m256i r = _mm256_cvtps_epi32(v);
-    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    const __m128i bytes = unsigned_out ? _mm_packus_epi16(words, words) : _mm_packs_epi16(words, words);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), bytes);
+  for (; i + 32 <= n; i += 32) {
+    const __m256i w01 = _mm256_packs_epi32(round8(x + i), round8(x + i + 8));
+    const __m256i w23 = _mm256_packs_epi32(round8(x + i + 16), round8(x + i + 24));
+    const __m256i bytes = UNSIGNED ? _mm256_packus_epi16(w01, w23) : _mm256_packs_epi16(w01, w23);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
   }
   for (; i < n; ++i) out[i] = quantize1(x[i], k, z, lo, hi);
+}
+
+// n values of x -> out: uint8 for lo >= 0 (also an int8 range above 0: the same bytes), else int8
+inline void quantize_run(const float* x, std::uint8_t* out, std::int64_t n, float k, float z, float lo, float hi) {
+  if (lo >= 0.0f) {
+    quantize_run_as<true>(x, out, n, k, z, lo, hi);
+  } else {
+    quantize_run_as<false>(x, out, n, k, z, lo, hi);
+  }
 }
 
 // dst[p * channels + c] = rows[c * stride + p] for p < count
@@ -79,6 +90,28 @@ inline void interleave(const std::uint8_t* rows, std::int64_t stride, std::int64
   }
   for (; p < count; ++p) {
     for (std::int64_t c = 0; c < channels; ++c) dst[p * channels + c] = rows[c * stride + p];
+  }
+}
+
+// n values (q - zero_point) * scale, 32 per step
+template <bool SIGNED>
+void dequantize_run(const std::uint8_t* q, float* out, std::int64_t n, float scale, float zero_point) {
+  const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zero_point);
+  const auto widen = [](__m128i bytes) {
+    return _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
+  };
+  std::int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i));
+    const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(widen(lo), vz), vs));
+    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(_mm256_sub_ps(widen(_mm_srli_si128(lo, 8)), vz), vs));
+    _mm256_storeu_ps(out + i + 16, _mm256_mul_ps(_mm256_sub_ps(widen(hi), vz), vs));
+    _mm256_storeu_ps(out + i + 24, _mm256_mul_ps(_mm256_sub_ps(widen(_mm_srli_si128(hi, 8)), vz), vs));
+  }
+  for (; i < n; ++i) {
+    const float v = SIGNED ? static_cast<float>(static_cast<std::int8_t>(q[i])) : static_cast<float>(q[i]);
+    out[i] = (v - zero_point) * scale;
   }
 }
 
@@ -128,16 +161,10 @@ void fxq_dequantize_8bit(const std::uint8_t* q, float* out, std::int64_t n, floa
   const std::int64_t blocks = (n + kBlock - 1) / kBlock;
   fxq::for_each_block(blocks, n >= 4 * kBlock, threads, [&](std::int64_t b) {
     const std::int64_t start = b * kBlock, end = start + kBlock < n ? start + kBlock : n;
-    const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zero_point);
-    std::int64_t i = start;
-    for (; i + 8 <= end; i += 8) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
-      const __m256i ints = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(ints), vz), vs));
-    }
-    for (; i < end; ++i) {
-      const float v = is_signed ? static_cast<float>(static_cast<std::int8_t>(q[i])) : static_cast<float>(q[i]);
-      out[i] = (v - zero_point) * scale;
+    if (is_signed) {
+      dequantize_run<true>(q + start, out + start, end - start, scale, zero_point);
+    } else {
+      dequantize_run<false>(q + start, out + start, end - start, scale, zero_point);
     }
   });
 }
