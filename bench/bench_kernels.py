@@ -217,7 +217,10 @@ def bench_native(repeats: int) -> None:
         return
     for n, cin, cout, hw, ks, groups in [(1, 16, 8, 1, 1, 1), (1, 576, 144, 1, 1, 1), (1, 96, 576, 7, 1, 1),
                                          (1, 40, 120, 28, 1, 1), (1, 120, 120, 28, 5, 120), (1, 576, 576, 7, 5, 576),
-                                         (1, 256, 256, 14, 3, 1), (1, 24, 144, 56, 1, 1), (16, 576, 144, 1, 1, 1)]:
+                                         (1, 256, 256, 14, 3, 1), (1, 24, 144, 56, 1, 1), (16, 576, 144, 1, 1, 1),
+                                         # 3x3 convs at large outputs (x86 rule "min_reduction": from 128 channels)
+                                         (1, 64, 64, 56, 3, 1), (1, 128, 128, 56, 3, 1), (1, 256, 256, 28, 3, 1),
+                                         (1, 256, 256, 56, 3, 1), (16, 256, 256, 28, 3, 1)]:
         conv = nn.Conv2d(cin, cout, ks, padding=ks // 2, groups=groups)
         ref = R.Conv2d.from_float(conv, {"qscheme": torch.per_channel_affine, "dtype": torch.int8,
                                          "scale": torch.rand(cout) * 0.01 + 1e-3,

@@ -644,7 +644,7 @@ def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, low: int, high:
     """``round(clamp(zero_point + x * inv_scale, low, high))`` (half to even; the product rounded before the
     addition) as uint8 / int8 for dense float32 ``x`` (contiguous or channels-last; the result keeps the layout):
     one AVX2 pass where aten needs four. ``channels_last``: a contiguous 4-d ``x`` gives a channels-last result in
-    the same pass (aten: quantize, then copy). The caller checks ``x`` (:func:`fxquant.kernels.uint8.dense_cpu_f32`)."""
+    the same pass (aten: quantize, then copy). The caller checks ``x``: float32 on the CPU, :func:`dense`."""
     lib = _library()
     assert lib is not None
     bounds = _BYTE_RANGES.get(dtype)

@@ -174,7 +174,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
                         "pointwise": False, "max_positions": 196}),
         # and at any size where each output sums at least 1024 products (3x3 convs from 128 channels): FBGEMM vs
         # onednn 1.02-1.06x at batch 1 (128-512 channels at 28x28 / 56x56), 1.03x at batch 16, 0.99-1.18x with two
-        # threads; below (64 / 96 channels: 576 / 864 products) onednn wins, 0.86-0.95x
+        # threads; below (64 / 96 channels: 576 / 864 products) onednn wins, 0.86-0.95x (bench_kernels.py --only
+        # native: the conv2d rows with HW=28 / 56, k=3)
         Rule("fbgemm", {"device": "cpu", "compiling": False, "native": True, "exact_u8s8": True,
                         "pointwise": False, "min_reduction": 1024}),
         Rule("float", {"compiling": False, "max_rows": 2, "max_macs": 2**18, "depthwise": False}),

@@ -1,4 +1,4 @@
-// Conversions between float32 and 8-bit integers, 8 values per AVX2 step, for fxquant's lowered models:
+// Conversions between float32 and 8-bit integers, 32 values per AVX2 step, for fxquant's lowered models:
 // fxq_quantize_f32: out = round(clamp(zero_point + x * inv_scale, low, high)) (a model input quantized, a float
 //   op's result requantized; inv_scale 1, zero point 0: a float result rounded) -- the product rounded before the
 //   addition (no fma), rounding half to even, as fxquant's aten form (add, clamp, round, cast: four passes).

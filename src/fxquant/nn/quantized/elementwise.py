@@ -141,9 +141,9 @@ class DeQuantize(_ScalarModule):
         if torch.compiler.is_compiling():
             return (q.to(torch.float32) - self.zero_point) * self.scale
         scale, bias, zp = self._scalars()
-        if bias is None or (q.dtype in k.RANGES and k.native_ready(q)):  # (native: exact and one pass)
-            return k.dequantize_exact(q, scale, zp)
-        return k.dequantize(q, scale, bias)
+        if q.dtype in k.RANGES and k.native_ready(q):  # exact, one pass
+            return native.dequantize(q, scale, zp)
+        return k.dequantize_exact(q, scale, zp) if bias is None else k.dequantize(q, scale, bias)
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
