@@ -149,7 +149,8 @@ TORCHVISION_MORE: dict[str, Factory] = {
 }
 
 
-def _hf(config_name: str, model_cls: str, text: bool = True, **cfg: Any) -> Factory:
+def _hf(config_name: str, model_cls: str, text: bool = True, tokens: tuple[int, int] = (2, 16),
+        **cfg: Any) -> Factory:
     def make(size: int) -> tuple[nn.Module, Callable[[int], tuple]]:
         import transformers
 
@@ -157,7 +158,7 @@ def _hf(config_name: str, model_cls: str, text: bool = True, **cfg: Any) -> Fact
         model = getattr(transformers, model_cls)(config)
         if text:
             vocab = int(getattr(config, "vocab_size", 100))
-            return model, lambda seed: (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed)),)
+            return model, lambda seed: (torch.randint(0, vocab, tokens, generator=torch.Generator().manual_seed(seed)),)
         side = getattr(config, "image_size", size)
         side = int(side[0] if isinstance(side, (list, tuple)) else side)
         return model, lambda seed: (torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed)),)
@@ -188,6 +189,15 @@ HUGGINGFACE: dict[str, Factory] = {
     "clip_vision": _hf("clip_vision_model", "CLIPVisionModel", text=False, image_size=64, patch_size=16, **_SMALL),
     "convnext_hf": _hf("convnext", "ConvNextModel", text=False, image_size=64, hidden_sizes=[16, 32, 64, 128],
                        depths=[1, 1, 1, 1]),
+}
+
+
+# At the widths of the released base models (2 layers, batch 1, 128 tokens): where int8 pays off on text models;
+# only with --only (a few minutes each)
+HUGGINGFACE_WIDE: dict[str, Factory] = {
+    "bert_base_2l": _hf("bert", "BertModel", tokens=(1, 128), hidden_size=768, num_hidden_layers=2,
+                        num_attention_heads=12, intermediate_size=3072),
+    "gpt2_base_2l": _hf("gpt2", "GPT2Model", tokens=(1, 128), n_embd=768, n_layer=2, n_head=12, use_cache=False),
 }
 
 
@@ -498,6 +508,8 @@ def _models(args: argparse.Namespace) -> list[tuple[str, Factory, bool]]:
         hf.update(HUGGINGFACE_MORE)
     if args.even_more or args.only:
         hf.update(HUGGINGFACE_EVEN_MORE)
+    if args.only:
+        hf.update(HUGGINGFACE_WIDE)
     out = [] if args.skip_tv else [(n, f, False) for n, f in tv.items()]
     out += [] if args.skip_hf else [(n, f, True) for n, f in hf.items()]
     return [m for m in out if not args.only or m[0] in args.only]
