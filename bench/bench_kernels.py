@@ -56,6 +56,17 @@ def compare_us(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     return {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
 
 
+def aten_only(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the native element-wise passes of fxquant.kernels.uint8 switched off (their aten forms)."""
+    def run() -> object:
+        saved, uint8.native_ready = uint8.native_ready, lambda t: False
+        try:
+            return fn()
+        finally:
+            uint8.native_ready = saved
+    return run
+
+
 def report_all(op: str, shape: str, times: dict[str, float]) -> None:
     fp32 = times.pop("fp32")
     report(op, shape, fp32, times)
@@ -210,8 +221,9 @@ def bench_native(repeats: int) -> None:
     """The native FBGEMM kernels (fxquant.kernels.native) against the kernels the rules used before them: convs
     at the sizes of small CNNs (the fbgemm plan forced, 7-bit input) vs onednn and the folded float plan; static
     linear vs onednn, the folded float plan and the fp16 GEMM; dynamic
-    linear vs onednn with aten's run-time quantization; the one-pass Quantize (float -> uint8; "fp32" here is a
-    copy of the input), add and gate product vs aten; the dynamic LSTM's native recurrence vs its aten form."""
+    linear vs onednn with aten's run-time quantization; the one-pass Quantize (float -> uint8, also straight into
+    channels-last; "fp32" here is a copy of the input), DeQuantize, 256-entry table, add, gate product and
+    per-channel shift add vs their aten forms; the dynamic LSTM's native recurrence vs its aten form."""
     if not native.available():
         print(f"native kernels unavailable: {native.status()}")
         return
@@ -263,13 +275,39 @@ def bench_native(repeats: int) -> None:
         report_all("dyn_linear", f"M={m} K={k} N={n}", compare_us({
             "fp32": lambda: lin(x), "fbgemm": fbgemm,
             "onednn": lambda: _dynamic_onednn(x, packed, mod.weight_scale, wzp, lin.bias)}, repeats))
-    quant = Q.Quantize(0.05, 60)
+    quant, quant_cl = Q.Quantize(0.05, 60), Q.Quantize(0.05, 60, channels_last=True)
+    cl = torch.channels_last
     for shape in [(1, 64), (1, 3, 32, 32), (1, 3, 224, 224)]:
         x = torch.randn(*shape)
         inv, bias, _ = quant._scalars()
-        report_all("quantize", f"{tuple(shape)}", compare_us({
-            "fp32": lambda: x.clone(), "native": lambda: quant(x),
-            "aten": lambda: uint8.quantize(x, inv, bias, 0, 255, torch.uint8)}, repeats))
+        fns = {"fp32": lambda: x.clone(), "native": lambda: quant(x),
+               "aten": aten_only(lambda: uint8.quantize(x, inv, bias, 0, 255, torch.uint8))}
+        if len(shape) == 4:  # into the channels-last layout a first conv reads: one pass vs quantize + copy
+            fns.update({"native_cl": lambda: quant_cl(x), "aten_cl": aten_only(
+                lambda: uint8.quantize(x, inv, bias, 0, 255, torch.uint8).contiguous(memory_format=cl))})
+        report_all("quantize", f"{tuple(shape)}", compare_us(fns, repeats))
+    dequant = Q.DeQuantize(0.05, 60)
+    for shape in [(1, 1000), (1, 256, 56, 56)]:
+        q = torch.randint(0, 256, shape, dtype=torch.uint8)
+        report_all("dequantize", f"{tuple(shape)}", compare_us({
+            "fp32": lambda: q.to(torch.float32), "native": lambda: dequant(q),
+            "aten": aten_only(lambda: dequant(q))}, repeats))
+    table = torch.randint(0, 256, (256,), dtype=torch.uint8)  # a GELU / requantization table
+    for shape in [(1, 3072), (1, 64, 112, 112)]:
+        q = torch.randint(0, 256, shape, dtype=torch.uint8)
+        report_all("lookup", f"{tuple(shape)}", compare_us({
+            "fp32": lambda: q.clone(), "native": lambda: uint8.lookup(q, table),
+            "aten": aten_only(lambda: uint8.lookup(q, table))}, repeats))
+    # a frozen batch norm's shift (1, C, 1, 1) added to a map: the native per-channel affine pass vs aten's form
+    shift_add = Q.QuantizedBinary("add", (0.0517, 10), (0.0231, 128), (0.0613, 20))
+    for n, c, hw in [(1, 64, 56), (2, 64, 56)]:
+        a = torch.randint(0, 256, (n, c, hw, hw), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        s = torch.randint(0, 256, (1, c, 1, 1), dtype=torch.uint8)
+        consts, relu_min = shift_add._scalars()
+        fa, fs = a.float(), s.float()
+        report_all("shift_add", f"N={n} C={c} HW={hw}", compare_us({
+            "fp32": lambda: fa + fs, "native": lambda: shift_add(a, s),
+            "aten": aten_only(lambda: uint8.binary("add", a, s, consts, relu_min, 0, 255, torch.uint8))}, repeats))
     add = Q.QuantizedBinary("add", (0.05, 60), (0.04, 70), (0.07, 60))
     gate = Q.QuantizedBinary("mul", (0.05, 3), (1 / 256, 0), (0.04, 2))
     for n, c, hw in [(1, 24, 56), (1, 96, 14), (16, 96, 14)]:
@@ -281,10 +319,12 @@ def bench_native(repeats: int) -> None:
         fa, fb, fg = a.float(), b.float(), g.float()
         report_all("add", f"N={n} C={c} HW={hw}", compare_us({
             "fp32": lambda: fa + fb, "native": lambda: add(a, b),
-            "aten": lambda: uint8.binary("add", a, b, add_consts, relu_min, 0, 255, torch.uint8)}, repeats))
+            "aten": aten_only(lambda: uint8.binary("add", a, b, add_consts, relu_min, 0, 255, torch.uint8))},
+            repeats))
         report_all("gate_mul", f"N={n} C={c} HW={hw}", compare_us({
             "fp32": lambda: fa * fg, "native": lambda: gate(a, g),
-            "aten": lambda: uint8.binary("mul", a, g, gate_consts, 0, 0, 255, torch.uint8)}, repeats))
+            "aten": aten_only(lambda: uint8.binary("mul", a, g, gate_consts, 0, 0, 255, torch.uint8))},
+            repeats))
 
     # a 2-layer dynamic LSTM (torch.ao's converted numerics) over 32 steps: the native loop, the reference's float
     # recurrence (the eager fallback) and the native loop's arithmetic in aten ops step by step (torch.export's

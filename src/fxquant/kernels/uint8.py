@@ -135,10 +135,7 @@ def _storage_view(t: torch.Tensor) -> torch.Tensor | None:
     None. Element k of the view of ``t`` and of ``torch.empty_like(t)`` is the same logical element."""
     if t.is_contiguous():
         return t.view(-1)
-    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if layout is None or not t.is_contiguous(memory_format=layout):
-        return None
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    return t.as_strided((t.numel(),), (1,), t.storage_offset()) if native.dense(t) else None
 
 
 def lookup(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

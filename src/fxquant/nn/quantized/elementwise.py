@@ -257,16 +257,11 @@ def _native_elementwise(mod: nn.Module) -> bool:
     return choice  # type: ignore[no-any-return]
 
 
-def _per_channel(big: torch.Tensor, small: torch.Tensor) -> bool:
-    """``big`` (N, C, *spatial), dense, and ``small`` (1, C, 1, ...): one value per channel for the whole batch."""
-    return (big.dim() >= 3 and small.dim() == big.dim() and small.shape[0] == 1 and small.shape[1] == big.shape[1]
-            and all(v == 1 for v in small.shape[2:]) and math.prod(big.shape[2:]) > 1 and big.numel() > 0
-            and native.dense(big))
-
-
-def _gated(big: torch.Tensor, gate: torch.Tensor) -> bool:
-    """``big`` (N, C, *spatial) times ``gate`` (N, C, 1, ...): one value per (batch, channel)."""
-    return (big.dim() >= 3 and gate.dim() == big.dim() and gate.shape[:2] == big.shape[:2]
+def _gated(big: torch.Tensor, gate: torch.Tensor, batch: int | None = None) -> bool:
+    """``big`` (N, C, *spatial), dense, and ``gate`` (batch, C, 1, ...): one value per (batch, channel); ``batch``
+    defaults to N (a squeeze-excite gate), 1 is one value per channel for the whole batch (a frozen batch norm)."""
+    return (big.dim() >= 3 and gate.dim() == big.dim() and gate.shape[1] == big.shape[1]
+            and gate.shape[0] == (big.shape[0] if batch is None else batch)
             and all(v == 1 for v in gate.shape[2:]) and math.prod(big.shape[2:]) > 1 and big.numel() > 0
             and native.dense(big))
 
@@ -337,8 +332,8 @@ class QuantizedBinary(_ScalarModule):
         """An add of one value per channel, shared by the batch (a frozen batch norm's shift: b or a of shape
         (1, C, 1, ...)), as the native per-channel affine pass: ``round(clamp(x * ka + (y[c] * kb + c)))``;
         else None."""
-        if not _per_channel(a, b):
-            if not _per_channel(b, a):
+        if not _gated(a, b, batch=1):
+            if not _gated(b, a, batch=1):
                 return None
             a, b, ka, kb = b, a, float(self.b_scale), float(self.a_scale)
             za, zb = int(self.b_zero_point), int(self.a_zero_point)
@@ -350,8 +345,11 @@ class QuantizedBinary(_ScalarModule):
         so, zo = float(self.out_scale), int(self.out_zero_point)
         ka, kb = ka / so, kb / so
         shift = b.reshape(-1).to(torch.float32).mul_(kb).add_(zo - (za * ka + zb * kb))
-        return native.channel_affine(a, torch.full_like(shift, ka), shift, max(relu_min, self.quant_min),
-                                     self.quant_max)
+        key = ("channel_factor", ka, shift.numel())  # (the constant factor, built once per channel count)
+        factor = self._kernel_cache.get(key)
+        if factor is None:
+            factor = self._kernel_cache[key] = torch.full_like(shift, ka)
+        return native.channel_affine(a, factor, shift, max(relu_min, self.quant_min), self.quant_max)
 
     def _native_consts(self, relu_min: int) -> tuple:
         """The native kernel's constants."""
